@@ -50,7 +50,14 @@ struct SimRoot {
         char tmpl[] = "/dev/shm/xs-XXXXXX";
         if (!::mkdtemp(tmpl)) throw std::runtime_error(std::string("mkdtemp: ") + std::strerror(errno));
         dir = tmpl;
-        xenstored.emplace(sim::XenstoredProcess::start(dir, sim::default_xenstored_paths()));
+        try {
+            xenstored.emplace(sim::XenstoredProcess::start(dir, sim::default_xenstored_paths()));
+        } catch (...) {
+            // No destructor runs for a half-built object: drop the root here.
+            std::error_code ec;
+            std::filesystem::remove_all(dir, ec);
+            throw;
+        }
         ::setenv("XENSTORED_PATH", xenstored->socket_path().c_str(), 1);
     }
     ~SimRoot() {
