@@ -44,8 +44,9 @@ public:
     using Prep = void (*)(io_uring_sqe*, const IoAwaitable&);
 
     // Give the operation a deadline: on expiry it returns -ETIMEDOUT.
+    // Use on a named awaitable (GCC 12 copies an awaited xvalue):
+    //   auto op = reactor.recv(...); op.timeout(1s); int n = co_await op;
     IoAwaitable& timeout(std::chrono::nanoseconds d) & noexcept;
-    IoAwaitable&& timeout(std::chrono::nanoseconds d) && noexcept { return std::move(timeout(d)); }
 
     bool await_ready() const noexcept { return token_.cancelled(); }
     void await_suspend(std::coroutine_handle<> h);
