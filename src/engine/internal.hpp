@@ -266,7 +266,7 @@ struct Worker {
     std::unique_ptr<rt::Event> rescan;  // worker 0: re-read the backend directories
 
     Worker(EngineShared& s, unsigned i) : shared(s), index(i) {}
-    void main(std::promise<void>& ready);
+    void main(std::promise<void> ready);
     rt::Task<void> event_channel_pump();
     rt::Task<void> xenstore_pump();
     rt::Task<void> watch_backend_roots();

@@ -133,7 +133,18 @@ rt::Task<void> Session::reconcile(bool& ended) {
             break;
         case Initialised:
         case Connected:
-            if (!conn && *backend == InitWait) {
+            if (!conn && *frontend == Connected && *backend != InitWait) {
+                // The frontend believes in a connection we do not have (we
+                // restarted, or killed it): make it reset through Closing.
+                if (*backend != Closing && *backend != Closed) write_state(Closing);
+                break;
+            }
+            if (!conn && *backend != InitWait) {
+                // A frontend that published its ring while we were away:
+                // our nodes first, then take it.
+                publish_backend_nodes();
+            }
+            if (!conn) {
                 std::string why;
                 auto st = connect(why);
                 if (st) {

@@ -11,7 +11,7 @@
 
 namespace xensock::engine {
 
-void Worker::main(std::promise<void>& ready) {
+void Worker::main(std::promise<void> ready) {
     try {
         rt::Reactor reactor;
         this->reactor = &reactor;
@@ -49,11 +49,12 @@ void Worker::main(std::promise<void>& ready) {
         session_tasks = nullptr;
         rescan.reset();
         this->reactor = nullptr;
-    } catch (...) {
+    } catch (const std::exception& e) {
         try {
             ready.set_exception(std::current_exception());
         } catch (const std::future_error&) {
-            log::error("worker {} failed after start", index);
+            // Already started: nobody waits on the promise any more.
+            log::error("worker {} failed: {}", index, e.what());
         }
     }
 }
