@@ -39,7 +39,7 @@ void Engine::start() {
         std::promise<void> ready;
         auto started = ready.get_future();
         Worker* worker = w.get();
-        w->thread = std::thread([worker, &ready] { worker->main(ready); });
+        w->thread = std::thread([worker, p = std::move(ready)]() mutable { worker->main(std::move(p)); });
         try {
             started.get();  // rethrows the worker's start-up failure
         } catch (...) {
