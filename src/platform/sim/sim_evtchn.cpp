@@ -1,0 +1,484 @@
+// Sim event channels (shared/spec/sim-platform.md, "Event channels"): each
+// local port P of domain D is a Unix datagram socket DIR/dom<D>/evtchn/<P>;
+// BIND, NOTIFY and CLOSE travel as 16-byte XSEV datagrams.
+//
+// One handle = one epoll fd over its port sockets plus an eventfd (the
+// "wake"), which is what fd() returns. Datagrams are untrusted: any size,
+// any content, from anyone who can reach the socket. Each is checked (size,
+// magic, op, and that it comes from the port's peer, or for a BIND from the
+// domain the port was offered to); anything else is ignored and counted.
+//
+// Not thread safe: one handle per thread, as xensockd uses them. Every
+// BoundPort must be destroyed before its handle.
+#include "sim_internal.hpp"
+
+#include "xensock/util/log.hpp"
+
+#include <endian.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstring>
+#include <system_error>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace xensock::platform::sim {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A flooding peer costs at most this many recv() per port and pending() call;
+// what is left keeps the socket readable and is handled on the next call.
+constexpr size_t kMaxDrainPerPort = 256;
+constexpr int kMaxEvents = 256;
+constexpr uint64_t kWakeToken = 0;  // epoll data of the wake eventfd; ports are >= 1
+// BIND and CLOSE must not be lost to a full queue: retry this long.
+constexpr auto kControlRetryFor = std::chrono::seconds(1);
+constexpr auto kControlRetryMaxPause = std::chrono::milliseconds(20);
+
+struct SocketAddress {
+    sockaddr_un addr{};
+    socklen_t len = 0;  // 0: path too long (cannot happen below a checked root)
+};
+
+SocketAddress socket_address(const std::string& path) noexcept {
+    SocketAddress a;
+    a.addr.sun_family = AF_UNIX;
+    if (path.size() >= sizeof a.addr.sun_path) return a;
+    std::memcpy(a.addr.sun_path, path.data(), path.size());
+    a.len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+    return a;
+}
+
+const sockaddr* as_sockaddr(const SocketAddress& a) noexcept { return reinterpret_cast<const sockaddr*>(&a.addr); }
+
+EvDatagram encode(EvOp op, DomId dom, Port port) noexcept {
+    return EvDatagram{htole32(kEvMagic), htole32(static_cast<uint32_t>(op)), htole32(dom), htole32(port)};
+}
+
+EvDatagram decode(const EvDatagram& raw) noexcept {
+    return EvDatagram{le32toh(raw.magic), le32toh(raw.op), le32toh(raw.dom), le32toh(raw.port)};
+}
+
+// Logging from noexcept paths: formatting may allocate.
+template <typename... Args>
+void warn_noexcept(fmt::format_string<Args...> f, Args&&... args) noexcept {
+    try {
+        log::warn(f, std::forward<Args>(args)...);
+    } catch (...) {
+    }
+}
+
+// True if nobody is bound at `a` (a socket file left by a dead process).
+bool stale_socket(const SocketAddress& a) noexcept {
+    const UniqueFd probe(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    if (!probe) return false;
+    if (::connect(probe.get(), as_sockaddr(a), a.len) == 0) return false;
+    return errno == ECONNREFUSED || errno == ENOENT;
+}
+
+// Which domain (D,P)'s `.remote` offers the port to; nullopt if missing,
+// not a plain file or not a strict decimal domain id. Read once.
+std::optional<DomId> read_offer(const std::string& path) noexcept {
+    const UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY));
+    struct stat st {};
+    if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
+    char buf[16];
+    const ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n <= 0 || static_cast<size_t>(n) >= sizeof buf) return std::nullopt;  // empty, or absurdly long
+    return parse_domid(std::string_view(buf, static_cast<size_t>(n)));
+}
+
+// Writes `<P>.remote` so that a reader never sees it half written.
+int write_offer(const std::string& path, DomId remote) noexcept {
+    const std::string tmp = path + ".tmp";
+    const std::string text = std::to_string(remote);
+    {
+        const UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666));
+        if (!fd) return errno;
+        if (::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
+            const int err = errno ? errno : EIO;
+            ::unlink(tmp.c_str());
+            return err;
+        }
+    }
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+        const int err = errno;
+        ::unlink(tmp.c_str());
+        return err;
+    }
+    return 0;
+}
+
+struct Peer {
+    DomId dom = 0;
+    Port port = 0;
+    SocketAddress address;
+};
+
+// One bound local port. Its destructor undoes the binding: out of the epoll
+// set (explicitly: a forked child may share the socket, and epoll only drops
+// a socket when every copy is closed), socket closed, files removed, port
+// number free again.
+struct PortState {
+    PortState(Context& c, int ep, Port p, UniqueFd s)
+        : ctx(c), epfd(ep), port(p), path(port_path(c.root, c.self, p)), remote_path(path + ".remote"),
+          sock(std::move(s)) {}
+    PortState(const PortState&) = delete;
+    PortState& operator=(const PortState&) = delete;
+    ~PortState() {
+        ::epoll_ctl(epfd, EPOLL_CTL_DEL, sock.get(), nullptr);
+        sock.reset();
+        ::unlink(path.c_str());
+        ::unlink(remote_path.c_str());
+        ctx.ports.release(port);
+    }
+
+    bool from_peer(const EvDatagram& d) const noexcept {
+        return peer && !peer_gone && d.dom == peer->dom && d.port == peer->port;
+    }
+
+    Context& ctx;
+    int epfd;
+    Port port;
+    std::string path;
+    std::string remote_path;  // `<P>.remote`
+    UniqueFd sock;
+    std::optional<DomId> offered_to;  // bind_unbound: only this domain may BIND
+    std::optional<Peer> peer;         // known remote end
+    bool peer_gone = false;           // it sent CLOSE, or its socket vanished
+    bool fired = false;               // queued in fired_, not yet reported
+    bool logged_bad = false;          // one bad datagram logged already
+};
+
+class SimEventChannel final : public EventChannel {
+public:
+    explicit SimEventChannel(std::shared_ptr<Context> ctx);
+    ~SimEventChannel() override;
+
+    int fd() const noexcept override { return epoll_.get(); }
+    Result<BoundPort> bind_interdomain(DomId remote, Port remote_port) override;
+    Result<BoundPort> bind_unbound(DomId remote) override;
+    Status notify(Port local) override;
+    void pending(std::vector<Port>& fired) override;
+    size_t bound_ports() const noexcept override { return ports_.size(); }
+
+protected:
+    void unbind(Port local) noexcept override;
+
+private:
+    Result<std::unique_ptr<PortState>> open_port();
+    Peer make_peer(DomId dom, Port port) const {
+        return Peer{dom, port, socket_address(port_path(ctx_->root, dom, port))};
+    }
+    Status send_control(PortState& ps, EvOp op) noexcept;
+    void drain(PortState& ps);
+    void handle(PortState& ps, const EvDatagram& d);
+    void fire(PortState& ps);
+    void wake() noexcept;
+    void bad_datagram(PortState& ps, const char* why) noexcept;
+
+    std::shared_ptr<Context> ctx_;
+    UniqueFd epoll_;
+    UniqueFd wake_;
+    std::unordered_map<Port, std::unique_ptr<PortState>> ports_;
+    std::vector<Port> fired_;                // ports with `fired` set, in firing order
+    std::unordered_set<DomId> unresponsive_;  // a BIND/CLOSE to it timed out: no more waiting
+    uint64_t bad_datagrams_ = 0;
+};
+
+SimEventChannel::SimEventChannel(std::shared_ptr<Context> ctx) : ctx_(std::move(ctx)) {
+    epoll_ = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
+    if (!epoll_) throw std::system_error(errno, std::generic_category(), "sim evtchn: epoll_create1");
+    wake_ = UniqueFd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    if (!wake_) throw std::system_error(errno, std::generic_category(), "sim evtchn: eventfd");
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = kWakeToken;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_.get(), &ev) != 0) {
+        throw std::system_error(errno, std::generic_category(), "sim evtchn: epoll_ctl");
+    }
+}
+
+SimEventChannel::~SimEventChannel() {
+    // As closing a Xen evtchn handle does: every remote end learns it.
+    for (auto& [port, ps] : ports_) {
+        if (ps->peer && !ps->peer_gone) (void)send_control(*ps, EvOp::close);
+    }
+    ports_.clear();
+    if (bad_datagrams_ != 0) log::debug("sim evtchn: ignored {} bad datagrams", bad_datagrams_);
+}
+
+Result<std::unique_ptr<PortState>> SimEventChannel::open_port() {
+    // A port number held by a live socket of some other process of this
+    // domain (which should not exist) stays allocated and is skipped.
+    for (int attempt = 0; attempt < 64; ++attempt) {
+        const std::optional<Port> port = ctx_->ports.allocate();
+        if (!port) return Errno{ENOSPC};
+        UniqueFd sock(::socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+        if (!sock) {
+            const int err = errno;
+            ctx_->ports.release(*port);
+            return Errno{err};
+        }
+        const std::string path = port_path(ctx_->root, ctx_->self, *port);
+        const SocketAddress addr = socket_address(path);
+        if (addr.len == 0) {
+            ctx_->ports.release(*port);
+            return Errno{ENAMETOOLONG};
+        }
+        int rc = ::bind(sock.get(), as_sockaddr(addr), addr.len);
+        if (rc != 0 && errno == EADDRINUSE && stale_socket(addr)) {
+            ::unlink(path.c_str());  // left by a dead process of this domain
+            rc = ::bind(sock.get(), as_sockaddr(addr), addr.len);
+        }
+        if (rc != 0) {
+            const int err = errno;
+            if (err == EADDRINUSE) {
+                log::warn("sim evtchn: {} is bound by another process; skipping port {}", path, *port);
+                continue;
+            }
+            ctx_->ports.release(*port);
+            return Errno{err};
+        }
+        auto ps = std::make_unique<PortState>(*ctx_, epoll_.get(), *port, std::move(sock));
+        // A stale `.remote` would offer this port to someone: drop it.
+        ::unlink(ps->remote_path.c_str());
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.u64 = *port;
+        if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, ps->sock.get(), &ev) != 0) return last_errno();
+        return ps;
+    }
+    return Errno{EADDRINUSE};
+}
+
+Result<BoundPort> SimEventChannel::bind_interdomain(DomId remote, Port remote_port) {
+    if (remote > kMaxDomId || remote_port == 0 || remote_port > kMaxPort) return Errno{EINVAL};
+    const std::optional<DomId> offered = read_offer(port_path(ctx_->root, remote, remote_port) + ".remote");
+    if (!offered || *offered != ctx_->self) return Errno{EINVAL};
+
+    auto opened = open_port();
+    if (!opened) return Errno{opened.error()};
+    std::unique_ptr<PortState> ps = std::move(opened.value());
+    ps->peer = make_peer(remote, remote_port);
+    // The remote end learns its peer from this, before anyone hands the port on.
+    if (const Status sent = send_control(*ps, EvOp::bind); !sent) {
+        const int err = sent.error();
+        log::debug("sim evtchn: BIND to domain {} port {} failed: {}", remote, remote_port, errno_text(err));
+        // Its socket vanished: the port is no longer on offer.
+        return Errno{err == ENOENT || err == ECONNREFUSED ? EINVAL : err};
+    }
+    const Port local = ps->port;
+    ports_.emplace(local, std::move(ps));
+    return BoundPort(this, local);
+}
+
+Result<BoundPort> SimEventChannel::bind_unbound(DomId remote) {
+    if (remote > kMaxDomId) return Errno{EINVAL};
+    auto opened = open_port();
+    if (!opened) return Errno{opened.error()};
+    std::unique_ptr<PortState> ps = std::move(opened.value());
+    ps->offered_to = remote;
+    // The socket exists before the offer does: whoever reads `.remote` can
+    // send its BIND at once.
+    if (const int err = write_offer(ps->remote_path, remote); err != 0) {
+        log::warn("sim evtchn: cannot write {}: {}", ps->remote_path, errno_text(err));
+        return Errno{err};
+    }
+    const Port local = ps->port;
+    ports_.emplace(local, std::move(ps));
+    return BoundPort(this, local);
+}
+
+Status SimEventChannel::notify(Port local) {
+    const auto it = ports_.find(local);
+    if (it == ports_.end()) return Errno{EINVAL};
+    PortState& ps = *it->second;
+
+    if (ps.offered_to && (!ps.peer || ps.peer_gone)) {
+        // A guest may notify before its reactor ran pending(): the backend's
+        // BIND is then still queued on our socket. Learn the peer from it
+        // now. Whatever else was drained on the way (a NOTIFY, a CLOSE) is
+        // no longer visible to epoll, so it is queued in fired_ and the wake
+        // eventfd makes fd() readable until pending() reports it.
+        const size_t before = fired_.size();
+        drain(ps);
+        if (fired_.size() != before) wake();
+    }
+    // No peer yet, or it went away: dropped, as Xen drops a send on an
+    // unbound port.
+    if (!ps.peer || ps.peer_gone) return Status::success();
+
+    const EvDatagram d = encode(EvOp::notify, ctx_->self, ps.port);
+    for (;;) {
+        const ssize_t n = ::sendto(ps.sock.get(), &d, sizeof d, MSG_DONTWAIT | MSG_NOSIGNAL,
+                                   as_sockaddr(ps.peer->address), ps.peer->address.len);
+        if (n == static_cast<ssize_t>(sizeof d)) return Status::success();
+        const int err = n < 0 ? errno : EIO;
+        if (err == EINTR) continue;
+        // A full queue: the peer has events pending and will look anyway.
+        if (err == EAGAIN || err == EWOULDBLOCK) return Status::success();
+        if (err == ECONNREFUSED || err == ENOENT) {
+            // The peer died without a CLOSE (killed): treat it as one, so
+            // the owner gets an event and later notifies are dropped.
+            ps.peer_gone = true;
+            fire(ps);
+            wake();
+            return Status::success();
+        }
+        return Errno{err};
+    }
+}
+
+void SimEventChannel::pending(std::vector<Port>& fired) {
+    uint64_t ignored = 0;
+    (void)!::read(wake_.get(), &ignored, sizeof ignored);  // reset; fired_ holds what it was for
+
+    std::array<epoll_event, kMaxEvents> events;
+    int n = ::epoll_wait(epoll_.get(), events.data(), kMaxEvents, 0);
+    if (n < 0) n = 0;  // EINTR: nothing this time; fd() stays readable
+    for (int i = 0; i < n; ++i) {
+        const uint64_t token = events[static_cast<size_t>(i)].data.u64;
+        if (token == kWakeToken) continue;
+        const auto it = ports_.find(static_cast<Port>(token));
+        if (it != ports_.end()) drain(*it->second);
+    }
+
+    for (const Port p : fired_) {
+        const auto it = ports_.find(p);
+        if (it == ports_.end() || !it->second->fired) continue;  // unbound since, or already listed
+        it->second->fired = false;
+        fired.push_back(p);
+    }
+    fired_.clear();
+}
+
+void SimEventChannel::unbind(Port local) noexcept {
+    const auto it = ports_.find(local);
+    if (it == ports_.end()) return;
+    PortState& ps = *it->second;
+    if (ps.peer && !ps.peer_gone) {
+        const Status sent = send_control(ps, EvOp::close);
+        if (!sent && sent.error() != ENOENT && sent.error() != ECONNREFUSED) {
+            warn_noexcept("sim evtchn: CLOSE from port {} to domain {} port {} failed: {}", ps.port, ps.peer->dom,
+                          ps.peer->port, errno_text(sent.error()));
+        }
+    }
+    ports_.erase(it);  // ~PortState removes the socket and its files
+}
+
+Status SimEventChannel::send_control(PortState& ps, EvOp op) noexcept {
+    const Peer& peer = *ps.peer;
+    const EvDatagram d = encode(op, ctx_->self, ps.port);
+    // A domain that let one of these time out gets one try from then on: a
+    // guest that never drains its sockets must not stall this thread for a
+    // second per port.
+    const bool patient = !unresponsive_.contains(peer.dom);
+    const auto deadline = Clock::now() + kControlRetryFor;
+    auto pause = std::chrono::milliseconds(1);
+    for (;;) {
+        const ssize_t n = ::sendto(ps.sock.get(), &d, sizeof d, MSG_DONTWAIT | MSG_NOSIGNAL,
+                                   as_sockaddr(peer.address), peer.address.len);
+        if (n == static_cast<ssize_t>(sizeof d)) {
+            unresponsive_.erase(peer.dom);
+            return Status::success();
+        }
+        const int err = n < 0 ? errno : EIO;
+        if (err == EINTR) continue;
+        if (err != EAGAIN && err != EWOULDBLOCK) return Errno{err};
+        if (!patient || Clock::now() >= deadline) {
+            try {
+                unresponsive_.insert(peer.dom);
+            } catch (...) {
+            }
+            return Errno{ETIMEDOUT};
+        }
+        // Rare (the peer's queue is full): short sleeps, not a busy loop.
+        std::this_thread::sleep_for(pause);
+        pause = std::min<std::chrono::milliseconds>(pause * 2, kControlRetryMaxPause);
+    }
+}
+
+void SimEventChannel::drain(PortState& ps) {
+    for (size_t i = 0; i < kMaxDrainPerPort; ++i) {
+        EvDatagram raw{};
+        // MSG_TRUNC: the real length, so an oversized datagram is caught.
+        const ssize_t n = ::recv(ps.sock.get(), &raw, sizeof raw, MSG_DONTWAIT | MSG_TRUNC);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                log::debug("sim evtchn: recv on port {}: {}", ps.port, errno_text(errno));
+            }
+            return;
+        }
+        if (n != static_cast<ssize_t>(sizeof raw)) {
+            bad_datagram(ps, "wrong size");
+            continue;
+        }
+        handle(ps, decode(raw));
+    }
+}
+
+void SimEventChannel::handle(PortState& ps, const EvDatagram& d) {
+    if (d.magic != kEvMagic) return bad_datagram(ps, "bad magic");
+    switch (static_cast<EvOp>(d.op)) {
+    case EvOp::notify:
+        if (!ps.from_peer(d)) return bad_datagram(ps, "NOTIFY not from the peer");
+        return fire(ps);
+    case EvOp::bind:
+        // Only on a port we offered, only from the domain it was offered
+        // to; a later BIND replaces the peer (a restarted backend). Not an
+        // event: on Xen, binding raises none.
+        if (!ps.offered_to || d.dom != *ps.offered_to || d.port == 0 || d.port > kMaxPort) {
+            return bad_datagram(ps, "BIND not from the domain the port is offered to");
+        }
+        ps.peer = make_peer(d.dom, d.port);
+        ps.peer_gone = false;
+        return;
+    case EvOp::close:
+        if (!ps.from_peer(d)) return bad_datagram(ps, "CLOSE not from the peer");
+        ps.peer_gone = true;
+        return fire(ps);  // the owner wants to notice its peer went away
+    }
+    bad_datagram(ps, "unknown op");
+}
+
+void SimEventChannel::fire(PortState& ps) {
+    if (ps.fired) return;
+    fired_.push_back(ps.port);
+    ps.fired = true;
+}
+
+void SimEventChannel::wake() noexcept {
+    const uint64_t one = 1;
+    (void)!::write(wake_.get(), &one, sizeof one);  // EAGAIN only at 2^64-1: already readable
+}
+
+void SimEventChannel::bad_datagram(PortState& ps, const char* why) noexcept {
+    ++bad_datagrams_;
+    if (ps.logged_bad) return;
+    ps.logged_bad = true;  // once per port: a hostile sender must not flood the log
+    try {
+        log::debug("sim evtchn: port {}: ignoring a bad datagram ({}); later ones are only counted", ps.port, why);
+    } catch (...) {
+    }
+}
+
+}  // namespace
+
+std::unique_ptr<EventChannel> make_event_channel(std::shared_ptr<Context> ctx) {
+    return std::make_unique<SimEventChannel>(std::move(ctx));
+}
+
+}  // namespace xensock::platform::sim
