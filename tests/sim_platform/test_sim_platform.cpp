@@ -1102,6 +1102,59 @@ TEST_CASE("bind_interdomain is refused unless .remote names us") {
     CHECK(guest.wait() == 0);
 }
 
+TEST_CASE("a guest cannot steer a BIND to another guest's port through links") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    // One process plays both the victim (domain 6) and the attacker (domain 5).
+    Process guests([dir](Chan& c) {
+        auto victim = xp::open_sim_platform(dir, 6);
+        auto vch = victim->open_event_channel();
+        auto vport = vch->bind_unbound(0);
+        G_REQUIRE(vport.ok());
+        const std::string p = std::to_string(vport->port());
+        auto attacker = xp::open_sim_platform(dir, kGuest);
+        const std::string ev5 = dir + "/dom5/evtchn";
+        // 1: dom5/evtchn is a symlink to dom6/evtchn.
+        G_REQUIRE(::rmdir(ev5.c_str()) == 0);
+        G_REQUIRE(::symlink((dir + "/dom6/evtchn").c_str(), ev5.c_str()) == 0);
+        c.send({vport->port()});
+        c.recv();
+        // 2: a hard link to the victim's socket, offered to domain 0.
+        G_REQUIRE(::unlink(ev5.c_str()) == 0);
+        G_REQUIRE(::mkdir(ev5.c_str(), 0777) == 0);
+        G_REQUIRE(::link((dir + "/dom6/evtchn/" + p).c_str(), (ev5 + "/" + p).c_str()) == 0);
+        std::ofstream(ev5 + "/" + p + ".remote") << "0";
+        c.send({1});
+        c.recv();
+        // 3: a symlink for the socket alone.
+        G_REQUIRE(::unlink((ev5 + "/" + p).c_str()) == 0);
+        G_REQUIRE(::symlink((dir + "/dom6/evtchn/" + p).c_str(), (ev5 + "/" + p).c_str()) == 0);
+        c.send({2});
+        c.recv();
+        G_REQUIRE(vport->notify().ok());  // the victim's own binding is intact
+        c.send({3});
+        c.recv();
+    });
+    const Port p = guests.chan().recv().at(0);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    guests.chan().send({0});
+    guests.chan().recv();
+    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    guests.chan().send({0});
+    guests.chan().recv();
+    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    CHECK(ch->bound_ports() == 0);
+    auto legit = ch->bind_interdomain(6, p);
+    REQUIRE(legit.ok());
+    guests.chan().send({0});
+    guests.chan().recv();
+    CHECK(wait_pending(*ch) == std::vector<Port>{legit->port()});
+    guests.chan().send({0});
+    CHECK(guests.wait() == 0);
+}
+
 TEST_CASE("garbage datagrams are ignored and do not break the port") {
     TempRoot root;
     const std::string dir = root.dir;

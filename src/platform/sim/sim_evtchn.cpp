@@ -87,12 +87,31 @@ bool stale_socket(const SocketAddress& a) noexcept {
     return errno == ECONNREFUSED || errno == ENOENT;
 }
 
+// Opens DIR/dom<D>/evtchn/<name> following no symlink below the root, and
+// only if it is of file type `type` with a single link. A guest owns its
+// directory: a symlink (dom<D>/evtchn -> dom<E>/evtchn) or a hard link to
+// another domain's socket would otherwise let it steer our BIND and
+// notifications to another guest's ports, or anywhere on the machine.
+UniqueFd open_evtchn_entry(const std::string& root, DomId d, const std::string& name, int flags,
+                           mode_t type) noexcept {
+    const UniqueFd rootfd(::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (!rootfd) return {};
+    const std::string dom = "dom" + std::to_string(d);
+    const UniqueFd domfd(::openat(rootfd.get(), dom.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!domfd) return {};
+    const UniqueFd evfd(::openat(domfd.get(), "evtchn", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!evfd) return {};
+    UniqueFd fd(::openat(evfd.get(), name.c_str(), flags | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY));
+    struct stat st {};
+    if (!fd || ::fstat(fd.get(), &st) != 0 || (st.st_mode & S_IFMT) != type || st.st_nlink != 1) return {};
+    return fd;
+}
+
 // Which domain (D,P)'s `.remote` offers the port to; nullopt if missing,
 // not a plain file or not a strict decimal domain id. Read once.
-std::optional<DomId> read_offer(const std::string& path) noexcept {
-    const UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY));
-    struct stat st {};
-    if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
+std::optional<DomId> read_offer(const std::string& root, DomId d, Port p) noexcept {
+    const UniqueFd fd = open_evtchn_entry(root, d, std::to_string(p) + ".remote", O_RDONLY | O_NONBLOCK, S_IFREG);
+    if (!fd) return std::nullopt;
     char buf[16];
     const ssize_t n = ::read(fd.get(), buf, sizeof buf);
     if (n <= 0 || static_cast<size_t>(n) >= sizeof buf) return std::nullopt;  // empty, or absurdly long
@@ -120,11 +139,23 @@ int write_offer(const std::string& path, DomId remote) noexcept {
     return 0;
 }
 
+// The remote end. Its socket is pinned when the peer becomes known: we send
+// to /proc/self/fd/<node>, which reaches that socket inode whatever its path
+// becomes later (a peer that re-creates its socket is a new incarnation and
+// must BIND again).
 struct Peer {
     DomId dom = 0;
     Port port = 0;
+    UniqueFd node;  // O_PATH
     SocketAddress address;
 };
+
+std::optional<Peer> resolve_peer(const std::string& root, DomId dom, Port port) {
+    Peer peer{dom, port, open_evtchn_entry(root, dom, std::to_string(port), O_PATH, S_IFSOCK), {}};
+    if (!peer.node) return std::nullopt;
+    peer.address = socket_address("/proc/self/fd/" + std::to_string(peer.node.get()));
+    return peer;
+}
 
 // One bound local port. Its destructor undoes the binding: out of the epoll
 // set (explicitly: a forked child may share the socket, and epoll only drops
@@ -178,9 +209,6 @@ protected:
 
 private:
     Result<std::unique_ptr<PortState>> open_port();
-    Peer make_peer(DomId dom, Port port) const {
-        return Peer{dom, port, socket_address(port_path(ctx_->root, dom, port))};
-    }
     Status send_control(PortState& ps, EvOp op) noexcept;
     void drain(PortState& ps);
     void handle(PortState& ps, const EvDatagram& d);
@@ -200,6 +228,10 @@ private:
 SimEventChannel::SimEventChannel(std::shared_ptr<Context> ctx) : ctx_(std::move(ctx)) {
     epoll_ = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
     if (!epoll_) throw std::system_error(errno, std::generic_category(), "sim evtchn: epoll_create1");
+    // Peers are reached through /proc/self/fd (see Peer).
+    if (::access("/proc/self/fd", X_OK) != 0) {
+        throw std::system_error(errno, std::generic_category(), "sim evtchn: /proc/self/fd (is /proc mounted?)");
+    }
     wake_ = UniqueFd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
     if (!wake_) throw std::system_error(errno, std::generic_category(), "sim evtchn: eventfd");
     epoll_event ev{};
@@ -265,13 +297,15 @@ Result<std::unique_ptr<PortState>> SimEventChannel::open_port() {
 
 Result<BoundPort> SimEventChannel::bind_interdomain(DomId remote, Port remote_port) {
     if (remote > kMaxDomId || remote_port == 0 || remote_port > kMaxPort) return Errno{EINVAL};
-    const std::optional<DomId> offered = read_offer(port_path(ctx_->root, remote, remote_port) + ".remote");
+    const std::optional<DomId> offered = read_offer(ctx_->root, remote, remote_port);
     if (!offered || *offered != ctx_->self) return Errno{EINVAL};
+    std::optional<Peer> peer = resolve_peer(ctx_->root, remote, remote_port);
+    if (!peer) return Errno{EINVAL};  // no socket there (or not one we may use)
 
     auto opened = open_port();
     if (!opened) return Errno{opened.error()};
     std::unique_ptr<PortState> ps = std::move(opened.value());
-    ps->peer = make_peer(remote, remote_port);
+    ps->peer = std::move(peer);
     // The remote end learns its peer from this, before anyone hands the port on.
     if (const Status sent = send_control(*ps, EvOp::bind); !sent) {
         const int err = sent.error();
@@ -443,9 +477,12 @@ void SimEventChannel::handle(PortState& ps, const EvDatagram& d) {
         if (!ps.offered_to || d.dom != *ps.offered_to || d.port == 0 || d.port > kMaxPort) {
             return bad_datagram(ps, "BIND not from the domain the port is offered to");
         }
-        ps.peer = make_peer(d.dom, d.port);
-        ps.peer_gone = false;
-        return;
+        if (std::optional<Peer> peer = resolve_peer(ctx_->root, d.dom, d.port)) {
+            ps.peer = std::move(peer);
+            ps.peer_gone = false;
+            return;
+        }
+        return bad_datagram(ps, "BIND from a port without a usable socket");
     case EvOp::close:
         if (!ps.from_peer(d)) return bad_datagram(ps, "CLOSE not from the peer");
         ps.peer_gone = true;
