@@ -11,12 +11,15 @@
 
 #include <cstring>
 #include <filesystem>
+#include <map>
 
 namespace xensock::daemon {
 using nlohmann::json;
 
 namespace {
 constexpr size_t kMaxRequest = 64 * 1024;
+// Largest ordinary domain id (DOMID_FIRST_RESERVED - 1).
+constexpr uint64_t kMaxDomid = 0x7FEF;
 
 json session_json(const engine::SessionInfo& s) {
     json j{{"domid", s.domid},
@@ -48,39 +51,80 @@ json session_json(const engine::SessionInfo& s) {
     j["sockets"] = sockets;
     return j;
 }
+
+json error_answer(std::string_view code, std::string text) {
+    return {{"ok", false}, {"error", std::move(text)}, {"code", code}};
+}
+
+// Daemon-wide sums over the sessions in `sessions` (counters by name).
+json totals_json(const json& sessions) {
+    uint64_t active = 0, passive = 0, to_guest = 0, from_guest = 0;
+    std::map<std::string, uint64_t> counters;
+    for (const auto& s : sessions) {
+        active += s["active_sockets"].get<uint64_t>();
+        passive += s["passive_sockets"].get<uint64_t>();
+        to_guest += s["bytes_to_guest"].get<uint64_t>();
+        from_guest += s["bytes_from_guest"].get<uint64_t>();
+        for (const auto& [name, value] : s["counters"].items()) counters[name] += value.get<uint64_t>();
+    }
+    return {{"sessions", sessions.size()},
+            {"active_sockets", active},
+            {"passive_sockets", passive},
+            {"bytes_to_guest", to_guest},
+            {"bytes_from_guest", from_guest},
+            {"counters", counters}};
+}
 }  // namespace
 
-json ControlServer::handle(engine::Engine& engine, const json& request) {
+json ControlServer::handle(engine::Engine& engine, const json& request,
+                           std::chrono::steady_clock::time_point started) {
     if (!request.is_object() || !request.contains("op") || !request["op"].is_string())
-        return {{"ok", false}, {"error", "request must be a JSON object with a string 'op'"}, {"code", "usage"}};
+        return error_answer("usage", "request must be a JSON object with a string 'op'");
     const std::string op = request["op"];
-    const int domid = request.contains("domid") && request["domid"].is_number_unsigned() ? request["domid"].get<int>() : -1;
+    // An optional field that is present must be valid: a typo must not
+    // silently widen "kill domid 5" or "list domid 5" to every guest.
+    int domid = -1;
+    if (request.contains("domid")) {
+        const auto& d = request["domid"];
+        if (!d.is_number_unsigned() || d.get<uint64_t>() > kMaxDomid)
+            return error_answer("usage", fmt::format("'domid' must be a number 0..{}", kMaxDomid));
+        domid = d.get<int>();
+    }
     if (op == "list" || op == "stats") {
-        const bool with_sockets = request.value("sockets", false);
+        bool with_sockets = false;
+        if (request.contains("sockets")) {
+            if (!request["sockets"].is_boolean()) return error_answer("usage", "'sockets' must be true or false");
+            with_sockets = request["sockets"].get<bool>();
+        }
         json sessions = json::array();
         for (const auto& s : engine.list(with_sockets, domid)) sessions.push_back(session_json(s));
         if (domid >= 0 && sessions.empty())
-            return {{"ok", false}, {"error", fmt::format("no session for domid {}", domid)}, {"code", "not_found"}};
-        return {{"ok", true}, {"sessions", sessions}};
+            return error_answer("not_found", fmt::format("no session for domid {}", domid));
+        json answer{{"ok", true}, {"sessions", sessions}};
+        if (op == "stats") {
+            answer["totals"] = totals_json(sessions);
+            answer["daemon"] = {
+                {"pid", ::getpid()},
+                {"uptime_seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count()}};
+        }
+        return answer;
     }
     if (op == "kill") {
-        if (domid < 0) return {{"ok", false}, {"error", "kill needs 'domid'"}, {"code", "usage"}};
+        if (domid < 0) return error_answer("usage", "kill needs 'domid'");
         std::optional<uint64_t> sockid;
         if (request.contains("sockid")) {
             if (!request["sockid"].is_number_unsigned())
-                return {{"ok", false}, {"error", "'sockid' must be an unsigned number"}, {"code", "usage"}};
+                return error_answer("usage", "'sockid' must be an unsigned number");
             sockid = request["sockid"].get<uint64_t>();
         }
         auto st = engine.kill(static_cast<unsigned>(domid), sockid);
         if (!st) {
-            return {{"ok", false},
-                    {"error", sockid ? fmt::format("no socket {} in domid {}", *sockid, domid)
-                                     : fmt::format("no session for domid {}", domid)},
-                    {"code", "not_found"}};
+            return error_answer("not_found", sockid ? fmt::format("no socket {} in domid {}", *sockid, domid)
+                                                    : fmt::format("no session for domid {}", domid));
         }
         return {{"ok", true}};
     }
-    return {{"ok", false}, {"error", fmt::format("unknown op '{}'", op)}, {"code", "usage"}};
+    return error_answer("usage", fmt::format("unknown op '{}' (known: list, stats, kill)", op));
 }
 
 ControlServer::ControlServer(rt::Reactor& reactor, engine::Engine& engine, std::string path)
@@ -167,11 +211,15 @@ rt::Task<void> ControlServer::serve_client(int fd) {
         if (newline == std::string::npos) continue;
         json answer;
         try {
-            answer = handle(engine_, json::parse(buffer.substr(0, newline)));
+            answer = handle(engine_, json::parse(buffer.substr(0, newline)), started_);
         } catch (const json::exception& e) {
-            answer = {{"ok", false}, {"error", fmt::format("bad request: {}", e.what())}, {"code", "usage"}};
+            answer = error_answer("usage", fmt::format("bad request: {}", e.what()));
+        } catch (const std::exception& e) {
+            log::error("control: {}", e.what());
+            answer = error_answer("internal", fmt::format("xensockd failed to answer: {}", e.what()));
         }
-        const std::string out = answer.dump() + "\n";
+        // Replace rather than throw on invalid UTF-8 in any string we report.
+        const std::string out = answer.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
         size_t sent = 0;
         while (sent < out.size()) {
             const int w = co_await reactor_.send(fd, out.data() + sent, out.size() - sent, MSG_NOSIGNAL, token);

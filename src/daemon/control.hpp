@@ -1,5 +1,12 @@
-// The control socket: one JSON request per line, one JSON answer per line.
-// Owner-only (mode 0600, and the peer's uid must be root or ours).
+// The control socket: one JSON request per line, one JSON answer per line
+// (one request per connection). Owner-only (mode 0600, and the peer's uid
+// must be root or ours). docs/xensockctl.md describes the protocol.
+//
+// Requests:  {"op": "list",  ["domid": D], ["sockets": true]}
+//            {"op": "stats", ["domid": D]}   list + "totals" + "daemon"
+//            {"op": "kill",  "domid": D, ["sockid": S]}
+// Answers:   {"ok": true, ...} or {"ok": false, "error": TEXT, "code": CODE}
+//            with CODE "usage" (malformed request) or "not_found".
 #pragma once
 
 #include "xensock/engine/engine.hpp"
@@ -7,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <string>
 
 namespace xensock::daemon {
@@ -18,8 +26,10 @@ public:
     ~ControlServer();
     void close();
 
-    // The request handler, separate for tests: {"op": "list"|"stats"|"kill", ...}
-    static nlohmann::json handle(engine::Engine& engine, const nlohmann::json& request);
+    // The request handler, separate for tests. `started` is when the daemon
+    // started serving (stats reports its uptime).
+    static nlohmann::json handle(engine::Engine& engine, const nlohmann::json& request,
+                                 std::chrono::steady_clock::time_point started);
 
 private:
     rt::Task<void> accept_loop();
@@ -31,6 +41,7 @@ private:
     int listen_fd_ = -1;
     rt::CancelSource stop_;
     size_t clients_ = 0;
+    std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
     std::unique_ptr<rt::Event> idle_;
 };
 

@@ -132,7 +132,9 @@ SessionInfo Session::info(bool with_sockets) const {
     if (!conn) return out;
     for (const auto& [id, sock] : conn->sockets) {
         const bool active = sock->ring != nullptr;
-        if (active) ++out.active_sockets;
+        // A killed socket keeps its ring until the guest releases it, but
+        // its host socket is gone: it no longer counts as active.
+        if (active && !sock->killed) ++out.active_sockets;
         else if (sock->kind == SocketKind::listening || sock->kind == SocketKind::bound) ++out.passive_sockets;
         if (!with_sockets || sock->kind == SocketKind::reserved) continue;
         SocketInfo si;
