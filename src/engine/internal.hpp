@@ -269,6 +269,7 @@ struct Worker {
     void main(std::promise<void> ready);
     rt::Task<void> event_channel_pump();
     rt::Task<void> xenstore_pump();
+    void dispatch_watch_events();
     rt::Task<void> watch_backend_roots();
     void start_session(const wire::ProtocolProfile& p, unsigned domid, unsigned devid);
     rt::Task<void> run_session(Session& s);

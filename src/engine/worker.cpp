@@ -64,7 +64,7 @@ void Worker::main(std::promise<void> ready) {
 // notifications costs a flag write each, never a wakeup per notification.
 rt::Task<void> Worker::event_channel_pump() {
     std::vector<Port> fired;
-    const auto token = pumps_stop.token();
+    const rt::CancelToken token = pumps_stop.token();
     while (true) {
         const int rc = co_await reactor->poll(evtchn->fd(), POLLIN, token);
         if (rc == -ECANCELED) co_return;
@@ -84,7 +84,7 @@ rt::Task<void> Worker::event_channel_pump() {
 // Xenstore watches: dispatch by token; sessions re-read what they watch
 // (level-triggered), so any number of events for one session costs one pass.
 rt::Task<void> Worker::xenstore_pump() {
-    const auto token = pumps_stop.token();
+    const rt::CancelToken token = pumps_stop.token();
     while (true) {
         const int rc = co_await reactor->poll(xs->fd(), POLLIN, token);
         if (rc == -ECANCELED) co_return;
@@ -92,14 +92,21 @@ rt::Task<void> Worker::xenstore_pump() {
             log::error("xenstore watch poll failed: {}", errno_text(-rc));
             co_return;
         }
-        while (auto event = xs->read_watch()) {
-            if (event->token == "root") {
-                if (rescan) rescan->set();
-                continue;
-            }
-            auto it = watchers.find(event->token);
-            if (it != watchers.end()) it->second->xenstore_changed.set();
+        dispatch_watch_events();
+    }
+}
+
+// Drains every queued watch event (never blocks).
+void Worker::dispatch_watch_events() {
+    while (true) {
+        std::optional<platform::WatchEvent> event = xs->read_watch();
+        if (!event) return;
+        if (event->token == "root") {
+            if (rescan) rescan->set();
+            continue;
         }
+        auto it = watchers.find(event->token);
+        if (it != watchers.end()) it->second->xenstore_changed.set();
     }
 }
 

@@ -7,17 +7,28 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <algorithm>
+#include <cassert>
+#include <cerrno>
 #include <cstring>
+#include <utility>
 
 namespace xensock::rt {
 namespace {
 thread_local Reactor* t_current = nullptr;
 
 // user_data for SQEs whose completion nobody waits for (cancel requests,
-// linked timeouts).
+// linked timeouts). IoOp pointers are aligned, so 0 and 1 are never ops.
 constexpr uint64_t kIgnoredCompletion = 0;
+// The reactor's own poll on its eventfd (post(), stop() from other threads).
+constexpr uint64_t kWakeCompletion = 1;
+
+// Shutdown gives up on operations the kernel has not completed this long
+// after being told to cancel them (a hung device, not a socket).
+constexpr int kShutdownWaitMs = 2000;
+// ...and on coroutines that keep submitting new operations after each
+// cancellation instead of unwinding.
+constexpr int kShutdownRounds = 1000;
 
 __kernel_timespec to_timespec(std::chrono::nanoseconds d) {
     if (d.count() < 0) d = std::chrono::nanoseconds(0);
@@ -26,9 +37,34 @@ __kernel_timespec to_timespec(std::chrono::nanoseconds d) {
     ts.tv_nsec = static_cast<long long>(d.count() % 1000000000);
     return ts;
 }
+
+struct CurrentScope {
+    explicit CurrentScope(Reactor* r) noexcept : previous(std::exchange(t_current, r)) {}
+    ~CurrentScope() { t_current = previous; }
+    CurrentScope(const CurrentScope&) = delete;
+    CurrentScope& operator=(const CurrentScope&) = delete;
+    Reactor* previous;
+};
 }  // namespace
 
 // ---------------------------------------------------------------- IoAwaitable
+
+IoAwaitable::IoAwaitable(IoAwaitable&& o) noexcept
+    : reactor_(o.reactor_),
+      token_(o.token_),
+      has_timeout_(o.has_timeout_),
+      is_sleep_(o.is_sleep_),
+      deadline_(o.deadline_),
+      prep_(o.prep_),
+      fd_(o.fd_),
+      ptr_(o.ptr_),
+      len_(o.len_),
+      arg_(o.arg_),
+      flags_(o.flags_),
+      ts_(o.ts_) {
+    // Once submitted, the kernel and the cancel callback point at `o`.
+    assert(!o.op_.waiter && "moving an awaitable that is being awaited");
+}
 
 IoAwaitable& IoAwaitable::timeout(std::chrono::nanoseconds d) & noexcept {
     has_timeout_ = true;
@@ -37,18 +73,22 @@ IoAwaitable& IoAwaitable::timeout(std::chrono::nanoseconds d) & noexcept {
 }
 
 void IoAwaitable::await_suspend(std::coroutine_handle<> h) {
-    op_.waiter = h;
-    io_uring_sqe* sqe = reactor_->get_sqe();
+    // The op and its linked timeout must reach the kernel in one submission.
+    io_uring_sqe* sqe = reactor_->get_sqe(has_timeout_ ? 2 : 1);
     prep_(sqe, *this);
     io_uring_sqe_set_data(sqe, &op_);
     if (has_timeout_) {
         sqe->flags |= IOSQE_IO_LINK;
-        io_uring_sqe* tsqe = reactor_->get_sqe();
+        io_uring_sqe* tsqe = io_uring_get_sqe(&reactor_->ring_);  // reserved above
         io_uring_prep_link_timeout(tsqe, &deadline_, 0);
         io_uring_sqe_set_data64(tsqe, kIgnoredCompletion);
     }
+    op_.waiter = h;
     ++reactor_->in_flight_;
     on_cancel_.attach(token_, [this] {
+        // Completed but not yet resumed: nothing left to cancel, and the
+        // result (say -ETIMEDOUT) stands.
+        if (op_.completed) return;
         cancel_requested_ = true;
         reactor_->submit_cancel(&op_);
     });
@@ -57,15 +97,18 @@ void IoAwaitable::await_suspend(std::coroutine_handle<> h) {
 int IoAwaitable::await_resume() noexcept {
     on_cancel_.detach();
     if (!op_.waiter) return -ECANCELED;  // cancelled before it was submitted
-    int res = op_.result;
-    if (res == -ECANCELED && has_timeout_ && !cancel_requested_) return -ETIMEDOUT;
+    const int res = op_.result;
+    if (is_sleep_ && res == -ETIME) return 0;  // the timer ran out: slept
+    // -ECANCELED that nobody asked for comes from the linked timeout firing
+    // (or from the reactor shutting down, which is a cancellation).
+    if (res == -ECANCELED && has_timeout_ && !cancel_requested_ && !reactor_->shutting_down_) return -ETIMEDOUT;
     return res;
 }
 
 // ---------------------------------------------------------------------- Event
 
 Event::~Event() {
-    // A waiter still linked here would never resume: wake it as cancelled.
+    // A waiter still linked here would never resume: wake it as not fired.
     while (Awaiter* a = waiters_) {
         unlink(a);
         a->fired = false;
@@ -91,14 +134,16 @@ void Event::unlink(Awaiter* a) noexcept {
     if (a->prev) a->prev->next = a->next;
     else waiters_ = a->next;
     if (a->next) a->next->prev = a->prev;
+    else last_ = a->prev;
     a->next = a->prev = nullptr;
 }
 
 void Event::Awaiter::await_suspend(std::coroutine_handle<> h) {
     handle = h;
-    next = event->waiters_;
-    if (next) next->prev = this;
-    event->waiters_ = this;
+    prev = event->last_;
+    if (prev) prev->next = this;
+    else event->waiters_ = this;
+    event->last_ = this;
     on_cancel.attach(token, [this] {
         event->unlink(this);
         fired = false;
@@ -108,22 +153,21 @@ void Event::Awaiter::await_suspend(std::coroutine_handle<> h) {
 
 bool Event::Awaiter::await_resume() noexcept {
     on_cancel.detach();
-    if (!handle) {  // did not suspend
-        if (event->set_) {
-            event->set_ = false;
-            return true;
-        }
-        return false;
-    }
-    return fired;
+    if (handle) return fired;  // woken by set(), cancellation or ~Event
+    // Did not suspend: cancelled beforehand, or the event was already set.
+    if (token.cancelled()) return false;
+    event->set_ = false;
+    return true;
 }
 
 // -------------------------------------------------------------------- Reactor
 
 Reactor::Reactor(unsigned queue_depth) {
     io_uring_params params{};
-    // One submitter thread per ring; let the kernel skip cross-thread checks.
-    params.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER;
+    // No IORING_SETUP_SINGLE_ISSUER: it binds the ring to the creating
+    // thread, so a reactor built on one thread and run on another failed
+    // every submission with -EEXIST.
+    params.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN;
     int rc = io_uring_queue_init_params(queue_depth, &ring_, &params);
     if (rc == -EINVAL) {  // older kernel: retry without the optional flags
         params = {};
@@ -132,53 +176,88 @@ Reactor::Reactor(unsigned queue_depth) {
     if (rc < 0) throw_errno(-rc, "io_uring_queue_init (is io_uring disabled by kernel.io_uring_disabled?)");
     wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd_ < 0) {
-        int err = errno;
+        const int err = errno;
         io_uring_queue_exit(&ring_);
         throw_errno(err, "eventfd for the reactor's wake-up");
     }
     cqe_batch_.reserve(256);
-    Reactor* previous = t_current;
-    t_current = this;
-    spawn(wake_loop());
-    run_ready();
-    t_current = previous;
+    // Submitted with the first batch. A bare SQE, not a coroutine, so it
+    // counts neither as a live task nor as an operation in flight.
+    arm_wake();
 }
 
 Reactor::~Reactor() {
-    Reactor* previous = t_current;
-    t_current = this;
-    internal_.cancel();
-    // Let everything that was cancelled finish: no completion may outlive us.
-    while (in_flight_ > 0 || !ready_.empty()) {
-        run_ready();
-        if (in_flight_ == 0) break;
-        int rc = io_uring_submit_and_wait(&ring_, 1);
-        if (rc < 0 && rc != -EINTR) break;
-        reap();
+    CurrentScope scope(this);
+    shutting_down_ = true;
+    try {
+        // Posted functions not run yet are dropped, not run: their owners may
+        // already have torn down what they would touch.
+        for (int round = 0;; ++round) {
+            run_ready();
+            if (in_flight_ == 0) break;
+            if (round == kShutdownRounds) {
+                log::error("reactor shutdown: {} operation(s) still submitted after {} rounds; leaking their frames",
+                           in_flight_, round);
+                break;
+            }
+            io_uring_sqe* sqe = get_sqe();
+            io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+            io_uring_sqe_set_data64(sqe, kIgnoredCompletion);
+            const uint64_t completed = stats_.completed;
+            __kernel_timespec limit{};
+            limit.tv_sec = kShutdownWaitMs / 1000;
+            limit.tv_nsec = (kShutdownWaitMs % 1000) * 1000000LL;
+            io_uring_cqe* unused = nullptr;
+            const int rc = io_uring_submit_and_wait_timeout(&ring_, &unused, 1, &limit, nullptr);
+            if (rc < 0 && rc != -ETIME && rc != -EINTR) {
+                log::error("reactor shutdown: io_uring_submit_and_wait: {}", errno_text(-rc));
+                break;
+            }
+            reap();
+            if (stats_.completed == completed && rc == -ETIME) {
+                log::error("reactor shutdown: {} operation(s) ignore cancellation; leaking their frames", in_flight_);
+                break;
+            }
+        }
+    } catch (const std::exception& e) {
+        log::error("reactor shutdown: {}", e.what());
     }
-    run_ready();
     if (live_tasks_ > 0) log::warn("reactor destroyed with {} task(s) still suspended", live_tasks_);
-    close(wake_fd_);
     io_uring_queue_exit(&ring_);
-    t_current = previous;
+    close(wake_fd_);
 }
 
 Reactor* Reactor::current() noexcept { return t_current; }
 
-io_uring_sqe* Reactor::get_sqe() {
+io_uring_sqe* Reactor::get_sqe(unsigned count) {
+    while (io_uring_sq_space_left(&ring_) < count) flush_sq();
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-    while (!sqe) {
-        // SQ ring full: hand what we have to the kernel and try again.
-        int rc = io_uring_submit(&ring_);
-        if (rc > 0) stats_.submitted += static_cast<uint64_t>(rc);
-        sqe = io_uring_get_sqe(&ring_);
-    }
+    assert(sqe);
     return sqe;
+}
+
+void Reactor::flush_sq() {
+    const int rc = io_uring_submit(&ring_);
+    if (rc >= 0) {
+        stats_.submitted += static_cast<uint64_t>(rc);
+        return;
+    }
+    if (rc == -EINTR) return;
+    if (rc == -EAGAIN || rc == -EBUSY) {
+        // Out of request memory, or completions backed up: consume what is
+        // there (waiters only get queued, nothing runs) and let the kernel
+        // flush its overflow list before trying again.
+        reap();
+        io_uring_get_events(&ring_);
+        reap();
+        return;
+    }
+    throw_errno(-rc, "io_uring_submit");
 }
 
 void Reactor::submit_cancel(IoOp* op) {
     io_uring_sqe* sqe = get_sqe();
-    io_uring_prep_cancel(sqe, op, 0);
+    io_uring_prep_cancel64(sqe, reinterpret_cast<uintptr_t>(op), 0);
     io_uring_sqe_set_data64(sqe, kIgnoredCompletion);
 }
 
@@ -195,8 +274,13 @@ void Reactor::reap() {
     stats_.completed += count;
     for (const io_uring_cqe& c : cqe_batch_) {
         if (c.user_data == kIgnoredCompletion) continue;
+        if (c.user_data == kWakeCompletion) {
+            wake_fired_ = true;  // handled by the loop, outside reap()
+            continue;
+        }
         auto* op = reinterpret_cast<IoOp*>(static_cast<uintptr_t>(c.user_data));
         op->result = c.res;
+        op->completed = true;
         --in_flight_;
         ready_.push_back(op->waiter);
     }
@@ -211,25 +295,52 @@ void Reactor::run_ready() {
     }
 }
 
+void Reactor::arm_wake() {
+    io_uring_sqe* sqe = get_sqe();
+    io_uring_prep_poll_add(sqe, wake_fd_, POLLIN);
+    io_uring_sqe_set_data64(sqe, kWakeCompletion);
+}
+
+void Reactor::on_wake() {
+    wake_fired_ = false;
+    uint64_t value;
+    // Reset the counter before re-arming, or the poll fires again at once.
+    [[maybe_unused]] ssize_t n = ::read(wake_fd_, &value, sizeof value);
+    if (!shutting_down_) arm_wake();
+    drain_posted();
+}
+
+void Reactor::wake() noexcept {
+    uint64_t one = 1;
+    // EAGAIN means the counter is already non-zero: a wake-up is pending.
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+}
+
 void Reactor::run() {
-    Reactor* previous = t_current;
-    t_current = this;
+    CurrentScope scope(this);
     while (true) {
         run_ready();
-        if (stop_requested_) break;
-        int rc = io_uring_submit_and_wait(&ring_, 1);
-        if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
-            log::error("io_uring_submit_and_wait: {}", errno_text(-rc));
-            break;
+        if (stop_requested_.load(std::memory_order_acquire)) break;
+        const int rc = io_uring_submit_and_wait(&ring_, 1);
+        if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY && rc != -ETIME) {
+            // Breaking out would leave every coroutine hanging unnoticed.
+            throw_errno(-rc, "io_uring_submit_and_wait");
         }
         if (rc > 0) stats_.submitted += static_cast<uint64_t>(rc);
         ++stats_.wakeups;
         reap();
+        if (wake_fired_) on_wake();
     }
+    stop_requested_.store(false, std::memory_order_release);
     // Push out SQEs queued by the last coroutines (e.g. cancellations).
-    int rc = io_uring_submit(&ring_);
+    const int rc = io_uring_submit(&ring_);
     if (rc > 0) stats_.submitted += static_cast<uint64_t>(rc);
-    t_current = previous;
+}
+
+void Reactor::stop() noexcept {
+    stop_requested_.store(true, std::memory_order_release);
+    // From another thread the reactor may be asleep in the kernel.
+    if (t_current != this) wake();
 }
 
 namespace {
@@ -270,9 +381,7 @@ void Reactor::post(std::function<void()> fn) {
         std::lock_guard lock(posted_mutex_);
         posted_.push_back(std::move(fn));
     }
-    uint64_t one = 1;
-    // EAGAIN means the counter is already non-zero: a wake-up is pending.
-    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+    wake();
 }
 
 void Reactor::drain_posted() {
@@ -281,17 +390,14 @@ void Reactor::drain_posted() {
         std::lock_guard lock(posted_mutex_);
         batch.swap(posted_);
     }
-    for (auto& fn : batch) fn();
-}
-
-Task<void> Reactor::wake_loop() {
-    auto token = internal_.token();
-    while (!token.cancelled()) {
-        int rc = co_await poll(wake_fd_, POLLIN, token);
-        if (rc < 0) break;
-        uint64_t value;
-        [[maybe_unused]] ssize_t n = ::read(wake_fd_, &value, sizeof value);
-        drain_posted();
+    for (auto& fn : batch) {
+        try {
+            fn();
+        } catch (const std::exception& e) {
+            log::error("a posted function failed: {}", e.what());
+        } catch (...) {
+            log::error("a posted function failed with an unknown exception");
+        }
     }
 }
 
@@ -300,10 +406,16 @@ Task<void> Reactor::wake_loop() {
 #define XS_OP(name, prep_body)                                                         \
     static void prep_##name(io_uring_sqe* sqe, const IoAwaitable& a) { prep_body; }
 
+// Offset -1: the file position, as readv(2)/writev(2) use (0 re-read the
+// start of a regular file on every call).
+constexpr uint64_t kFilePosition = static_cast<uint64_t>(-1);
+
 XS_OP(recv, io_uring_prep_recv(sqe, a.fd_, a.ptr_, a.len_, a.flags_))
 XS_OP(send, io_uring_prep_send(sqe, a.fd_, a.ptr_, a.len_, a.flags_))
-XS_OP(readv, io_uring_prep_readv(sqe, a.fd_, static_cast<const iovec*>(a.ptr_), static_cast<unsigned>(a.len_), 0))
-XS_OP(writev, io_uring_prep_writev(sqe, a.fd_, static_cast<const iovec*>(a.ptr_), static_cast<unsigned>(a.len_), 0))
+XS_OP(readv, io_uring_prep_readv(sqe, a.fd_, static_cast<const iovec*>(a.ptr_), static_cast<unsigned>(a.len_),
+                                 kFilePosition))
+XS_OP(writev, io_uring_prep_writev(sqe, a.fd_, static_cast<const iovec*>(a.ptr_), static_cast<unsigned>(a.len_),
+                                   kFilePosition))
 XS_OP(recvmsg, io_uring_prep_recvmsg(sqe, a.fd_, static_cast<msghdr*>(a.ptr_), static_cast<unsigned>(a.flags_)))
 XS_OP(sendmsg, io_uring_prep_sendmsg(sqe, a.fd_, static_cast<const msghdr*>(a.ptr_), static_cast<unsigned>(a.flags_)))
 XS_OP(accept, io_uring_prep_accept(sqe, a.fd_, static_cast<sockaddr*>(a.ptr_),
@@ -311,40 +423,41 @@ XS_OP(accept, io_uring_prep_accept(sqe, a.fd_, static_cast<sockaddr*>(a.ptr_),
 XS_OP(connect, io_uring_prep_connect(sqe, a.fd_, static_cast<const sockaddr*>(a.ptr_), static_cast<socklen_t>(a.len_)))
 XS_OP(poll, io_uring_prep_poll_add(sqe, a.fd_, static_cast<unsigned>(a.arg_)))
 // The timespec lives in the awaitable, which outlives the submission.
-XS_OP(sleep, auto& ts = const_cast<__kernel_timespec&>(a.ts_); ts = to_timespec(std::chrono::nanoseconds(a.len_));
-      io_uring_prep_timeout(sqe, &ts, 0, 0))
+XS_OP(sleep, io_uring_prep_timeout(sqe, const_cast<__kernel_timespec*>(&a.ts_), 0, 0))
 #undef XS_OP
 
-IoAwaitable Reactor::recv(int fd, void* buf, size_t len, int flags, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_recv, fd, buf, len, 0, flags);
+IoAwaitable Reactor::recv(int fd, void* buf, size_t len, int flags, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_recv, fd, buf, len, 0, flags);
 }
-IoAwaitable Reactor::send(int fd, const void* buf, size_t len, int flags, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_send, fd, const_cast<void*>(buf), len, 0, flags);
+IoAwaitable Reactor::send(int fd, const void* buf, size_t len, int flags, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_send, fd, const_cast<void*>(buf), len, 0, flags);
 }
-IoAwaitable Reactor::readv(int fd, const iovec* iov, unsigned n, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_readv, fd, const_cast<iovec*>(iov), n, 0, 0);
+IoAwaitable Reactor::readv(int fd, const iovec* iov, unsigned n, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_readv, fd, const_cast<iovec*>(iov), n, 0, 0);
 }
-IoAwaitable Reactor::writev(int fd, const iovec* iov, unsigned n, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_writev, fd, const_cast<iovec*>(iov), n, 0, 0);
+IoAwaitable Reactor::writev(int fd, const iovec* iov, unsigned n, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_writev, fd, const_cast<iovec*>(iov), n, 0, 0);
 }
-IoAwaitable Reactor::recvmsg(int fd, msghdr* msg, int flags, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_recvmsg, fd, msg, 0, 0, flags);
+IoAwaitable Reactor::recvmsg(int fd, msghdr* msg, int flags, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_recvmsg, fd, msg, 0, 0, flags);
 }
-IoAwaitable Reactor::sendmsg(int fd, const msghdr* msg, int flags, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_sendmsg, fd, const_cast<msghdr*>(msg), 0, 0, flags);
+IoAwaitable Reactor::sendmsg(int fd, const msghdr* msg, int flags, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_sendmsg, fd, const_cast<msghdr*>(msg), 0, 0, flags);
 }
-IoAwaitable Reactor::accept(int fd, sockaddr* addr, socklen_t* len, int flags, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_accept, fd, addr, 0, reinterpret_cast<uintptr_t>(len), flags);
+IoAwaitable Reactor::accept(int fd, sockaddr* addr, socklen_t* len, int flags, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_accept, fd, addr, 0, reinterpret_cast<uintptr_t>(len), flags);
 }
-IoAwaitable Reactor::connect(int fd, const sockaddr* addr, socklen_t len, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_connect, fd, const_cast<sockaddr*>(addr), len, 0, 0);
+IoAwaitable Reactor::connect(int fd, const sockaddr* addr, socklen_t len, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_connect, fd, const_cast<sockaddr*>(addr), len, 0, 0);
 }
-IoAwaitable Reactor::poll(int fd, unsigned events, CancelToken t) {
-    return IoAwaitable(*this, std::move(t), prep_poll, fd, nullptr, 0, events, 0);
+IoAwaitable Reactor::poll(int fd, unsigned events, const CancelToken& t) {
+    return IoAwaitable(*this, t, prep_poll, fd, nullptr, 0, events, 0);
 }
-IoAwaitable Reactor::sleep_for(std::chrono::nanoseconds d, CancelToken t) {
-    const auto ns = static_cast<uint64_t>(std::max<int64_t>(0, d.count()));
-    return IoAwaitable(*this, std::move(t), prep_sleep, -1, nullptr, ns, 0, 0);
+IoAwaitable Reactor::sleep_for(std::chrono::nanoseconds d, const CancelToken& t) {
+    IoAwaitable a(*this, t, prep_sleep, -1, nullptr, 0, 0, 0);
+    a.ts_ = to_timespec(d);
+    a.is_sleep_ = true;
+    return a;
 }
 
 }  // namespace xensock::rt

@@ -1,10 +1,21 @@
 // Reactor: one io_uring and one ready queue per worker thread.
 //
+// GCC 12 at -O2 miscompiles a by-value class argument evaluated inside a
+// co_await operand in a loop (the argument's copy is read from a stale stack
+// slot on every other iteration). Every maker therefore takes its
+// CancelToken by const reference; keep it that way.
+//
 // Every I/O awaitable returns an int: the operation's result (>= 0) or a
 // negative errno. A cancelled operation returns -ECANCELED; one whose
 // deadline (.timeout()) expired returns -ETIMEDOUT. Submissions are batched:
 // SQEs queue up while coroutines run and go to the kernel in one
 // io_uring_submit_and_wait() when the ready queue is empty.
+//
+// Threads: a reactor is used by one thread at a time. It may be created on
+// one thread and run on another (the ring is not bound to its creator), but
+// only post() and stop() may be called concurrently with run(). Operations
+// are tied to the thread that submitted them: if it exits, the kernel
+// cancels them.
 #pragma once
 
 #include "xensock/runtime/cancel.hpp"
@@ -14,12 +25,16 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include <atomic>
 #include <chrono>
 #include <coroutine>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <mutex>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace xensock::rt {
@@ -31,6 +46,7 @@ class Reactor;
 struct IoOp {
     std::coroutine_handle<> waiter;
     int result = 0;
+    bool completed = false;  // its CQE has been reaped
 };
 
 struct ReactorStats {
@@ -44,20 +60,32 @@ public:
     using Prep = void (*)(io_uring_sqe*, const IoAwaitable&);
 
     // Give the operation a deadline: on expiry it returns -ETIMEDOUT.
-    // Use on a named awaitable (GCC 12 copies an awaited xvalue):
+    // Both forms work with GCC 12:
+    //   int n = co_await reactor.recv(...).timeout(1s);
     //   auto op = reactor.recv(...); op.timeout(1s); int n = co_await op;
+    // (The rvalue form returns a new awaitable by value: GCC 12 copies an
+    // awaited xvalue, so returning IoAwaitable&& did not compile.)
     IoAwaitable& timeout(std::chrono::nanoseconds d) & noexcept;
+    IoAwaitable timeout(std::chrono::nanoseconds d) && noexcept {
+        timeout(d);
+        return std::move(*this);
+    }
 
+    // Only an awaitable that has not been awaited yet may be moved.
+    IoAwaitable(IoAwaitable&& o) noexcept;
+    IoAwaitable(const IoAwaitable&) = delete;
+    IoAwaitable& operator=(const IoAwaitable&) = delete;
+    IoAwaitable& operator=(IoAwaitable&&) = delete;
+
+    // A token cancelled beforehand: complete at once, submit nothing.
     bool await_ready() const noexcept { return token_.cancelled(); }
     void await_suspend(std::coroutine_handle<> h);
     int await_resume() noexcept;
 
 private:
     friend class Reactor;
-    IoAwaitable(Reactor& r, CancelToken token, Prep prep, int fd, void* ptr, uint64_t len, uint64_t arg, int flags)
-        : reactor_(&r), token_(std::move(token)), prep_(prep), fd_(fd), ptr_(ptr), len_(len), arg_(arg), flags_(flags) {}
-    IoAwaitable(const IoAwaitable&) = delete;
-    IoAwaitable& operator=(const IoAwaitable&) = delete;
+    IoAwaitable(Reactor& r, const CancelToken& token, Prep prep, int fd, void* ptr, uint64_t len, uint64_t arg, int flags)
+        : reactor_(&r), token_(token), prep_(prep), fd_(fd), ptr_(ptr), len_(len), arg_(arg), flags_(flags) {}
 
     Reactor* reactor_;
     CancelToken token_;
@@ -65,6 +93,7 @@ private:
     IoOp op_;
     bool cancel_requested_ = false;
     bool has_timeout_ = false;
+    bool is_sleep_ = false;  // a timeout SQE: its -ETIME means "slept"
     __kernel_timespec deadline_{};
 
 public:
@@ -80,12 +109,14 @@ public:
 
 // Manual-reset-free event: set() wakes every current waiter, or, with none,
 // makes the next wait() return at once. Used to hand evtchn notifications to
-// the coroutine that serves the port.
+// the coroutine that serves the port. Waiters resume in the order they
+// started waiting, from the ready queue (never inside set()).
 class Event {
 public:
     explicit Event(Reactor& r) : reactor_(&r) {}
     Event(const Event&) = delete;
     Event& operator=(const Event&) = delete;
+    // Wakes the remaining waiters as not fired.
     ~Event();
 
     void set();
@@ -103,22 +134,46 @@ public:
 
         bool await_ready() const noexcept { return event->set_ || token.cancelled(); }
         void await_suspend(std::coroutine_handle<> h);
-        // true: the event was set; false: cancelled.
+        // true: the event was set; false: cancelled, or the event destroyed.
+        // A token cancelled before the wait wins over a pending set, which
+        // is then left for the next waiter.
         bool await_resume() noexcept;
     };
     // Consumes the set state when it returns true.
-    Awaiter wait(CancelToken token = {}) { return Awaiter{this, std::move(token), {}, {}}; }
+    Awaiter wait(const CancelToken& token = {}) { return Awaiter{this, token, {}, {}}; }
 
 private:
     void unlink(Awaiter* a) noexcept;
     Reactor* reactor_;
     bool set_ = false;
-    Awaiter* waiters_ = nullptr;
+    Awaiter* waiters_ = nullptr;  // FIFO: head
+    Awaiter* last_ = nullptr;     // FIFO: tail
 };
+
+namespace detail {
+template <typename T>
+struct RunUntilState {
+    std::optional<T> value;
+    std::exception_ptr error;
+    bool done = false;
+};
+template <>
+struct RunUntilState<void> {
+    std::exception_ptr error;
+    bool done = false;
+};
+}  // namespace detail
 
 class Reactor {
 public:
     explicit Reactor(unsigned queue_depth = 1024);
+    // Finishes whatever is still in flight before the ring goes away: the
+    // kernel is asked to cancel every operation, the waiting coroutines
+    // resume (-ECANCELED) and unwind, and so does whatever they submit on
+    // their way out. Nothing is resumed after the destructor returns. Tasks
+    // suspended on something other than I/O (an Event nobody sets) cannot be
+    // finished: they are reported and their frames leaked, never destroyed.
+    // Functions posted but not run yet are destroyed without running.
     ~Reactor();
     Reactor(const Reactor&) = delete;
     Reactor& operator=(const Reactor&) = delete;
@@ -126,15 +181,18 @@ public:
     // The reactor running on this thread (nullptr if none).
     static Reactor* current() noexcept;
 
-    // Runs until stop() is requested. Spawned tasks still alive then stay
-    // suspended; the owner must cancel and finish them (run again) before
-    // destroying the reactor.
+    // Runs until stop() is requested; the request is consumed, so run() can
+    // be called again. Spawned tasks still alive then stay suspended; the
+    // owner should cancel and finish them (run again) before destroying the
+    // reactor. Throws std::system_error if the ring itself fails.
     void run();
-    // Runs until `task` completes, then returns its result (tests, tools).
+    // Runs until `task` completes, then returns its result or rethrows its
+    // exception (tests, tools). A stop() meanwhile does not end it early.
     template <typename T>
     T run_until(Task<T> task);
-    void stop() noexcept { stop_requested_ = true; }
-    bool stop_requested() const noexcept { return stop_requested_; }
+    // Thread-safe; wakes the reactor if it is blocked in the kernel.
+    void stop() noexcept;
+    bool stop_requested() const noexcept { return stop_requested_.load(std::memory_order_acquire); }
 
     // Starts a detached task; it is counted until it finishes. An exception
     // escaping it is logged, not lost.
@@ -142,84 +200,86 @@ public:
     size_t live_tasks() const noexcept { return live_tasks_; }
     // Resumes h from the ready queue (never inline).
     void schedule(std::coroutine_handle<> h) { ready_.push_back(h); }
-    // Thread-safe: runs fn on this reactor's thread.
+    // Thread-safe: runs fn on this reactor's thread (an exception escaping
+    // fn is logged).
     void post(std::function<void()> fn);
 
-    IoAwaitable recv(int fd, void* buf, size_t len, int flags = 0, CancelToken t = {});
-    IoAwaitable send(int fd, const void* buf, size_t len, int flags = 0, CancelToken t = {});
-    IoAwaitable readv(int fd, const iovec* iov, unsigned n, CancelToken t = {});
-    IoAwaitable writev(int fd, const iovec* iov, unsigned n, CancelToken t = {});
-    IoAwaitable recvmsg(int fd, msghdr* msg, int flags = 0, CancelToken t = {});
-    IoAwaitable sendmsg(int fd, const msghdr* msg, int flags = 0, CancelToken t = {});
-    IoAwaitable accept(int fd, sockaddr* addr, socklen_t* len, int flags = 0, CancelToken t = {});
-    IoAwaitable connect(int fd, const sockaddr* addr, socklen_t len, CancelToken t = {});
+    IoAwaitable recv(int fd, void* buf, size_t len, int flags = 0, const CancelToken& t = {});
+    IoAwaitable send(int fd, const void* buf, size_t len, int flags = 0, const CancelToken& t = {});
+    // At the file position, like readv(2)/writev(2) (sockets have none).
+    IoAwaitable readv(int fd, const iovec* iov, unsigned n, const CancelToken& t = {});
+    IoAwaitable writev(int fd, const iovec* iov, unsigned n, const CancelToken& t = {});
+    IoAwaitable recvmsg(int fd, msghdr* msg, int flags = 0, const CancelToken& t = {});
+    IoAwaitable sendmsg(int fd, const msghdr* msg, int flags = 0, const CancelToken& t = {});
+    IoAwaitable accept(int fd, sockaddr* addr, socklen_t* len, int flags = 0, const CancelToken& t = {});
+    IoAwaitable connect(int fd, const sockaddr* addr, socklen_t len, const CancelToken& t = {});
     // Returns the ready poll mask (POLLIN...), or a negative errno.
-    IoAwaitable poll(int fd, unsigned events, CancelToken t = {});
+    IoAwaitable poll(int fd, unsigned events, const CancelToken& t = {});
     // Returns 0 when the time has passed, -ECANCELED if cancelled first.
-    IoAwaitable sleep_for(std::chrono::nanoseconds d, CancelToken t = {});
+    IoAwaitable sleep_for(std::chrono::nanoseconds d, const CancelToken& t = {});
 
     const ReactorStats& stats() const noexcept { return stats_; }
-    // In-flight io_uring requests (for leak checks in tests).
+    // In-flight io_uring requests of coroutines (the reactor's own wake-up
+    // poll is not counted), for leak checks in tests.
     size_t in_flight() const noexcept { return in_flight_; }
 
 private:
     friend class IoAwaitable;
-    io_uring_sqe* get_sqe();
+    // Room for `count` SQEs in one submission (a linked pair must not be
+    // split across two), then the first of them.
+    io_uring_sqe* get_sqe(unsigned count = 1);
+    void flush_sq();
     void submit_cancel(IoOp* op);
     void reap();
     void run_ready();
+    void arm_wake();
+    void on_wake();
     void drain_posted();
-    Task<void> wake_loop();
+    void wake() noexcept;
+
+    template <typename T>
+    static Task<void> run_until_body(Reactor* self, Task<T> task, detail::RunUntilState<T>* state);
 
     io_uring ring_{};
     std::deque<std::coroutine_handle<>> ready_;
-    bool stop_requested_ = false;
+    std::atomic<bool> stop_requested_{false};
+    bool shutting_down_ = false;
+    bool wake_fired_ = false;
     size_t live_tasks_ = 0;
     size_t in_flight_ = 0;
     ReactorStats stats_;
 
     int wake_fd_ = -1;
-    uint64_t wake_buf_ = 0;
     std::mutex posted_mutex_;
     std::vector<std::function<void()>> posted_;
-    CancelSource internal_;
     std::vector<io_uring_cqe> cqe_batch_;
 };
 
+// A static member template rather than a coroutine lambda: keeps GCC 12's
+// lambda-coroutine code generation out of a path every test and tool uses.
 template <typename T>
-T Reactor::run_until(Task<T> task) {
-    std::optional<T> out;
-    std::exception_ptr error;
-    auto wrapper = [](Task<T> t, std::optional<T>& o, std::exception_ptr& e, Reactor& r) -> Task<void> {
-        try {
-            o.emplace(co_await std::move(t));
-        } catch (...) {
-            e = std::current_exception();
+Task<void> Reactor::run_until_body(Reactor* self, Task<T> task, detail::RunUntilState<T>* state) {
+    try {
+        if constexpr (std::is_void_v<T>) {
+            co_await std::move(task);
+        } else {
+            state->value.emplace(co_await std::move(task));
         }
-        r.stop();
-    };
-    stop_requested_ = false;
-    spawn(wrapper(std::move(task), out, error, *this));
-    run();
-    if (error) std::rethrow_exception(error);
-    return std::move(*out);
+    } catch (...) {
+        state->error = std::current_exception();
+    }
+    state->done = true;
+    self->stop();
 }
 
-template <>
-inline void Reactor::run_until(Task<void> task) {
-    std::exception_ptr error;
-    auto wrapper = [](Task<void> t, std::exception_ptr& e, Reactor& r) -> Task<void> {
-        try {
-            co_await std::move(t);
-        } catch (...) {
-            e = std::current_exception();
-        }
-        r.stop();
-    };
-    stop_requested_ = false;
-    spawn(wrapper(std::move(task), error, *this));
-    run();
-    if (error) std::rethrow_exception(error);
+template <typename T>
+T Reactor::run_until(Task<T> task) {
+    detail::RunUntilState<T> state;
+    spawn(run_until_body(this, std::move(task), &state));
+    // A stop() from elsewhere ends one pass of run(), not the wait.
+    while (!state.done) run();
+    if (state.error) std::rethrow_exception(state.error);
+    if constexpr (!std::is_void_v<T>) return std::move(*state.value);
 }
 
 }  // namespace xensock::rt

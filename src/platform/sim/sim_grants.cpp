@@ -215,6 +215,17 @@ private:
     std::mutex mu_;  // a mapper may be shared by worker threads
     std::unordered_map<DomId, DomainFiles> files_;
     std::unordered_map<void*, int> guard_slots_;  // mapping address -> SIGBUS guard slot
+    // Files of a granter stay open only while we map something of it: a
+    // dead guest's mem and gnttab must not stay pinned by our fds.
+    std::unordered_map<void*, DomId> granter_of_;
+    std::unordered_map<DomId, size_t> live_by_granter_;
+    void forget_if_unused(DomId granter) noexcept {  // mu_ held
+        auto it = live_by_granter_.find(granter);
+        if (it == live_by_granter_.end() || it->second == 0) {
+            files_.erase(granter);
+            if (it != live_by_granter_.end()) live_by_granter_.erase(it);
+        }
+    }
     std::atomic<size_t> live_{0};
 };
 
@@ -260,6 +271,14 @@ Result<GrantMapping> SimGrantMapper::map(DomId granter, std::span<const GrantRef
     if (refs.empty() || refs.size() > kMaxMapPages || granter > kMaxDomId) return Errno{EINVAL};
 
     std::lock_guard lock(mu_);
+    struct ForgetOnFailure {
+        SimGrantMapper& self;
+        DomId granter;
+        bool mapped = false;
+        ~ForgetOnFailure() {
+            if (!mapped) self.forget_if_unused(granter);
+        }
+    } forget{*this, granter};
     auto files = domain_files(granter);
     if (!files) return Errno{files.error()};
     const DomainFiles& f = *files.value();
@@ -306,6 +325,9 @@ Result<GrantMapping> SimGrantMapper::map(DomId granter, std::span<const GrantRef
         }
     }
     guard_slots_.emplace(range.get(), guard_add(range.get(), bytes, writable));
+    granter_of_.emplace(range.get(), granter);
+    ++live_by_granter_[granter];
+    forget.mapped = true;
     live_.fetch_add(1, std::memory_order_relaxed);
     return GrantMapping(this, range.release(), refs.size());
 }
@@ -315,6 +337,13 @@ void SimGrantMapper::unmap(void* addr, size_t pages) noexcept {
     if (auto it = guard_slots_.find(addr); it != guard_slots_.end()) {
         guard_remove(it->second);  // before munmap: the range may be reused at once
         guard_slots_.erase(it);
+    }
+    if (auto it = granter_of_.find(addr); it != granter_of_.end()) {
+        const DomId granter = it->second;
+        granter_of_.erase(it);
+        if (auto live = live_by_granter_.find(granter); live != live_by_granter_.end() && live->second > 0)
+            --live->second;
+        forget_if_unused(granter);
     }
     if (::munmap(addr, pages * kPageSize) != 0) {
         try {
