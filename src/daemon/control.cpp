@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -48,6 +49,9 @@ json session_json(const engine::SessionInfo& s) {
                            {"in_queued", k.in_queued},
                            {"out_queued", k.out_queued}});
     }
+    // The engine keeps sockets in a hash map: give scripts a stable order.
+    std::sort(sockets.begin(), sockets.end(),
+              [](const json& a, const json& b) { return a["sockid"].get<uint64_t>() < b["sockid"].get<uint64_t>(); });
     j["sockets"] = sockets;
     return j;
 }

@@ -117,7 +117,12 @@ CtlRun run_ctl(const std::vector<std::string>& args, const RunOptions& options =
 
 CtlRun ctl(SimEnv& env, std::vector<std::string> args) {
     args.insert(args.begin(), {"--sim", env.root()});
-    return run_ctl(args);
+    auto r = run_ctl(args);
+    // XENSOCK_TEST_SHOW=1 prints every command and its output (for docs).
+    if (std::getenv("XENSOCK_TEST_SHOW"))
+        std::fprintf(stderr, "$ xensockctl %s\n%s%s[exit %d]\n", fmt::format("{}", fmt::join(args, " ")).c_str(),
+                     r.out.c_str(), r.err.c_str(), r.rc);
+    return r;
 }
 
 std::vector<std::string> lines_of(const std::string& text) {
