@@ -34,15 +34,15 @@ PROTOCOL=xensock
 DOMID=1
 
 usage() {
-    sed -n '4,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
-    exit 2
+    sed -n '4,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    exit "${1:-2}"
 }
 while [ $# -gt 0 ]; do
     case "$1" in
         --builddir) [ $# -ge 2 ] || usage; BUILD=$2; shift 2 ;;
         --no-build) DO_BUILD=0; shift ;;
         --protocol) [ $# -ge 2 ] || usage; PROTOCOL=$2; shift 2 ;;
-        -h|--help) usage ;;
+        -h|--help) usage 0 ;;
         *) echo "demo: unknown argument '$1'" >&2; usage ;;
     esac
 done
