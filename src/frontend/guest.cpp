@@ -516,8 +516,10 @@ rt::Task<std::optional<wire::Response>> Guest::try_call(wire::Request req, std::
     const int rc = co_await transact(req, rsp, timeout);
     if (rc == 0) co_return rsp;
     if (rc == -ETIMEDOUT) co_return std::nullopt;
-    throw std::runtime_error(fmt::format("{} request (cmd {}, sockid {}) failed: {}", wire::command_name(req.cmd),
-                                         req.raw_cmd, req.sockid, describe_error(rc)));
+    throw std::runtime_error(fmt::format(
+        "{} request (cmd {}, sockid {}) failed: {}", wire::command_name(req.cmd),
+        req.cmd == wire::Command::unknown ? req.raw_cmd : static_cast<uint32_t>(req.cmd), req.sockid,
+        describe_error(rc)));
 }
 
 rt::Task<wire::Response> Guest::call(wire::Request req, std::chrono::milliseconds timeout) {
@@ -526,7 +528,8 @@ rt::Task<wire::Response> Guest::call(wire::Request req, std::chrono::millisecond
     auto rsp = co_await try_call(std::move(req), timeout);
     if (!rsp)
         throw CallTimeout(fmt::format("no response to a {} request (cmd {}) within {} ms", wire::command_name(cmd),
-                                      raw, timeout.count()));
+                                      cmd == wire::Command::unknown ? raw : static_cast<uint32_t>(cmd),
+                                      timeout.count()));
     co_return *rsp;
 }
 
@@ -738,6 +741,7 @@ rt::Task<ssize_t> Guest::send(uint64_t id, std::span<const std::byte> data, std:
         if (guest.cancelled()) co_return -ECANCELED;
         if (sock->state == SocketState::releasing) co_return -EBADF;
         if (!sock->ring) co_return -ENOTCONN;
+        if (backend_gone_) co_return -ENOTCONN;  // nobody would ever consume it
         const ssize_t n = produce_out(sock->ring->halves, data);
         if (n > 0) {
             ++stats_.data_notifies;
@@ -747,7 +751,6 @@ rt::Task<ssize_t> Guest::send(uint64_t id, std::span<const std::byte> data, std:
             co_return n;
         }
         if (n != -EAGAIN) co_return n;
-        if (backend_gone_) co_return -ENOTCONN;
         if (!co_await sock->event.wait(op.token())) {
             if (guest.cancelled()) co_return -ECANCELED;
             if (sock->state == SocketState::releasing) co_return -EBADF;
