@@ -204,6 +204,20 @@ rt::Task<void> Session::disconnect() {
     // the cancellation, unwinds, and releases what it holds.
     conn->cancel.cancel();
     co_await conn->tasks.wait_idle();
+    // Data paths are counted on their socket, not the connection: wait for
+    // those too before the sockets (and the rings they use) are freed. No
+    // command runs any more, so nothing adds or removes sockets meanwhile.
+    bool busy = true;
+    while (busy) {
+        busy = false;
+        for (auto& [id, sock] : conn->sockets) {
+            if (sock->tasks.count() > 0) {
+                busy = true;
+                co_await sock->tasks.wait_idle();
+                break;
+            }
+        }
+    }
     conn.reset();
     log::info("dom{} {}: disconnected", key.domid, key.protocol);
 }
