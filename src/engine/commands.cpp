@@ -102,6 +102,8 @@ rt::Task<void> Session::run_command(Connection& c, wire::Request req) {
     if (ret < 0) {
         counters.command_errors[cmd_index].add();
         counters.count_error(ret);
+    } else {
+        counters.command_ok[cmd_index].add();
     }
     respond(c, req, ret, echo_sockid);
     c.tasks.leave();
@@ -159,6 +161,7 @@ rt::Task<int> Session::cmd_connect(Connection& c, const wire::Request& req) {
         co_return -port.error();
     }
     (*ring)->port = std::move(port.value());
+    (*ring)->session_counters = &counters;
     worker.port_listeners[(*ring)->port.port()] = ring->get();
     sock.ring = std::move(ring.value());
     sock.remote = addr;
@@ -263,6 +266,7 @@ rt::Task<int> Session::cmd_accept(Connection& c, const wire::Request& req) {
         co_return -port.error();
     }
     (*ring)->port = std::move(port.value());
+    (*ring)->session_counters = &counters;
     worker.port_listeners[(*ring)->port.port()] = ring->get();
 
     auto sock = std::make_unique<Socket>(*worker.reactor, new_id, c.cancel.token());

@@ -117,6 +117,7 @@ SessionInfo Session::info(bool with_sockets) const {
         const auto name = wire::command_name(static_cast<wire::Command>(i));
         out.counters.emplace_back(fmt::format("commands_{}", name), counters.commands[i].get());
         out.counters.emplace_back(fmt::format("command_errors_{}", name), counters.command_errors[i].get());
+        out.counters.emplace_back(fmt::format("command_ok_{}", name), counters.command_ok[i].get());
     }
     out.counters.emplace_back("commands_unknown", counters.commands[7].get());
     out.counters.emplace_back("notifications_sent", counters.notifications_sent.get());

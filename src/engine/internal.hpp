@@ -131,18 +131,12 @@ struct DataRing final : PortListener {
 
     Counter bytes_to_guest, bytes_from_guest, notifications_sent, notifications_received;
     Counter in_full_stalls, out_empty_waits;
+    SessionCounters* session_counters = nullptr;  // the owning session's totals
 
     explicit DataRing(rt::Reactor& r) : guest_consumed(r), guest_produced(r) {}
     ~DataRing() override;
-    void on_event() override {
-        notifications_received.add();
-        guest_consumed.set();
-        guest_produced.set();
-    }
-    void notify_guest() {
-        notifications_sent.add();
-        (void)port.notify();
-    }
+    void on_event() override;
+    void notify_guest();
 };
 
 // ------------------------------------------------------------------ sockets
@@ -164,8 +158,9 @@ struct Socket {
 
 // ---------------------------------------------------------------- counters
 struct SessionCounters {
-    std::array<Counter, 8> commands{};       // by wire::Command
-    std::array<Counter, 8> command_errors{};  // by wire::Command
+    std::array<Counter, 8> commands{};       // by wire::Command, on receipt
+    std::array<Counter, 8> command_ok{};      // answered with ret >= 0
+    std::array<Counter, 8> command_errors{};  // answered with a negative errno
     Counter bytes_to_guest, bytes_from_guest;
     Counter notifications_sent, notifications_received;
     Counter ring_full_stalls, ring_empty_waits;
@@ -178,6 +173,18 @@ struct SessionCounters {
         ++errors_by_errno[negative_errno];
     }
 };
+
+inline void DataRing::on_event() {
+    notifications_received.add();
+    if (session_counters) session_counters->notifications_received.add();
+    guest_consumed.set();
+    guest_produced.set();
+}
+inline void DataRing::notify_guest() {
+    notifications_sent.add();
+    if (session_counters) session_counters->notifications_sent.add();
+    (void)port.notify();
+}
 
 // --------------------------------------------------------------- connection
 // What exists while the frontend is connected: the mapped command ring, its

@@ -218,6 +218,16 @@ rt::Task<void> Session::disconnect() {
             }
         }
     }
+    // Whoever still looks at a ring (a guest being killed, or one that
+    // missed the state change) sees it fail rather than stall. -ECONNRESET,
+    // not -ENOTCONN: this is no orderly end of stream.
+    for (auto& [id, sock] : conn->sockets) {
+        if (!sock->ring) continue;
+        wire::DataIntfView& intf = sock->ring->intf;
+        if (intf.in_error() == 0) intf.set_in_error(-ECONNRESET);
+        if (intf.out_error() == 0) intf.set_out_error(-ECONNRESET);
+        sock->ring->notify_guest();
+    }
     conn.reset();
     log::info("dom{} {}: disconnected", key.domid, key.protocol);
 }
