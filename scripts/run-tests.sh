@@ -30,6 +30,9 @@ PREFIX=${XENSOCK_BUILD_PREFIX:-build-test}
 EXTRA_TEST_ARGS=(${XENSOCK_TEST_ARGS:-})
 
 START=$(date +%s)
+# What `time` prints after compiling and testing: wall and CPU seconds.
+TIMEFORMAT='run-tests: took %0Rs (CPU: %0Us user, %0Ss sys)'
+
 say() {
     printf '\n=== run-tests: %s (%ss)\n' "$*" "$(($(date +%s) - START))"
 }
@@ -103,7 +106,10 @@ run_build() {
         return
     fi
     say "$name: compiling (-j$JOBS)"
-    if ! meson compile -C "$dir" -j "$JOBS"; then
+    local rc
+    time meson compile -C "$dir" -j "$JOBS"
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
         echo "run-tests: $name: compilation failed" >&2
         FAILED=1 BUILD_FAILED=1 TOTAL_FAILED=$((TOTAL_FAILED + 1))
         return
@@ -119,8 +125,8 @@ run_build() {
     fi
     say "$name: meson test"
     rm -f "$dir/meson-logs/testlog.json"
-    meson test -C "$dir" --print-errorlogs "${skip_args[@]}" "${EXTRA_TEST_ARGS[@]}"
-    local rc=$?
+    time meson test -C "$dir" --print-errorlogs "${skip_args[@]}" "${EXTRA_TEST_ARGS[@]}"
+    rc=$?
     local p f s
     read -r p f s < <(counts "$dir")
     if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
