@@ -9,6 +9,11 @@
 // ASan or -O0 every ready await nested two frames and a loop of 100k awaits
 // overflowed the stack. The rendezvous flag below needs no tail calls.
 //
+// GCC 12 pitfall: a brace-initialised aggregate temporary passed by value to
+// a coroutine inside a co_await operand, `co_await f(Agg{x})`, is released
+// twice (a shared_ptr member's count is corrupted; clang is fine). Build such
+// an argument, or the Task, in a statement of its own.
+//
 // Ownership rule of the whole project: a suspended coroutine is never
 // destroyed from outside. Teardown is cooperative: cancel (CancelSource), and
 // every awaitable then completes with -ECANCELED so the frame unwinds normally
