@@ -67,7 +67,7 @@ done
 missing=
 for d in privcmd evtchn gntdev gntalloc xenbus xenbus_backend; do [ -c /dev/xen/$d ] || missing="$missing $d"; done
 if [ -n "$missing" ]; then ok=0; fail dom0/modules "missing /dev/xen/:$missing"; fi
-[ "$ok" = 1 ] && pass dom0/modules "xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc; /dev/xen: $(ls /dev/xen | tr '\n' ' ')"
+[ "$ok" = 1 ] && pass dom0/modules "xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc; /dev/xen: $(echo $(ls /dev/xen))"
 ifconfig lo 127.0.0.1 up
 
 # --- toolstack: xenstored, xen-init-dom0, xenconsoled -----------------------
@@ -95,7 +95,9 @@ mark toolstack-ready
 
 # --- xensockd on the real platform ------------------------------------------
 t=$(up)
-xensockd --log-level "$XENSOCKD_LOG_LEVEL" --pid-file /run/xensock/xensockd.pid >/var/log/xensockd.log 2>&1 &
+# Two workers: the guests (domids 1 and 2) are served by different threads,
+# each with its own gnttab and evtchn handles.
+xensockd --workers 2 --log-level "$XENSOCKD_LOG_LEVEL" --pid-file /run/xensock/xensockd.pid >/var/log/xensockd.log 2>&1 &
 XSPID=$!
 follow /var/log/xensockd.log xensockd
 n=0
@@ -178,10 +180,12 @@ follow /var/log/xen/console/guest-lab-b.log lab-b
 [ -n "$DOMB" ] && { xen-lab-peer client B "$LISTEN_PORT_B" "$ACCEPT_BYTES" "$GUEST_TIMEOUT" & CLB=$!; }
 
 # --- wait for both guests to finish their checks -----------------------------
+t_wait=$(up)
 for g in A B; do
+    left=$(awk -v a="$t_wait" -v b="$(up)" -v t="$GUEST_TIMEOUT" 'BEGIN { l = int(t - (b - a)); print (l > 1 ? l : 1) }')
     if [ "$g" = A ]; then dom=$DOMA; log=/var/log/xen/console/guest-lab-a.log; else dom=$DOMB; log=/var/log/xen/console/guest-lab-b.log; fi
     [ -n "$dom" ] || continue
-    if wait_line "$log" "XENSOCK-GUEST $g END" "$GUEST_TIMEOUT"; then
+    if wait_line "$log" "XENSOCK-GUEST $g END" "$left"; then
         mark "guest-$g-end"
         line=$(grep -E "XENSOCK-GUEST $g END" "$log" | tail -1 | tr -d '\r')
         case "$line" in
