@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -201,14 +202,37 @@ rt::Task<int> rtt(Guest& g, rt::Reactor&, const GuestJob& job) {
 }
 
 // ------------------------------------------------------- connection rate
+// XENSOCK_BENCH_PHASES=1: where a connection's time goes (guest's view).
+struct Phases {
+    uint64_t socket = 0, connect = 0, exchange = 0, release = 0, n = 0;
+    void report() const {
+        if (n == 0 || !std::getenv("XENSOCK_BENCH_PHASES")) return;
+        std::fprintf(stderr, "phases (us per connection, %llu): socket %.1f connect %.1f exchange %.1f release %.1f\n",
+                     static_cast<unsigned long long>(n), socket / 1e3 / n, connect / 1e3 / n, exchange / 1e3 / n,
+                     release / 1e3 / n);
+    }
+};
+Phases g_phases;
+
 rt::Task<void> connrate_loop(Guest& g, const GuestJob& job, Record* rec, Join& join) {
     std::vector<std::byte> buf(job.msg, std::byte{'q'});
     uint64_t done = 0;
     bool ok = true;
+    const sockaddr_in addr = *frontend::ipv4("127.0.0.1", job.port);
+    const frontend::RingOptions ring = ring_options(job);
     while (now_ns() < job.sh->stop_ns.load()) {
         uint64_t id = 0;
-        auto open = open_connection(g, job, id);
-        int rc = co_await std::move(open);
+        uint64_t t0 = now_ns();
+        auto make = g.socket(id);
+        int rc = co_await std::move(make);
+        uint64_t t1 = now_ns();
+        g_phases.socket += t1 - t0;
+        if (rc == 0) {
+            auto conn = g.connect(id, addr, ring);
+            rc = co_await std::move(conn);
+            t0 = now_ns();
+            g_phases.connect += t0 - t1;
+        }
         if (rc == 0) {
             const std::span<const std::byte> out(buf.data(), buf.size());
             auto send = g.send_all(id, out);
@@ -217,10 +241,14 @@ rt::Task<void> connrate_loop(Guest& g, const GuestJob& job, Record* rec, Join& j
             auto recv = g.recv_exact(id, in);
             const ssize_t n = s == static_cast<ssize_t>(buf.size()) ? co_await std::move(recv) : -1;
             rc = n == static_cast<ssize_t>(buf.size()) ? 0 : -1;
+            t1 = now_ns();
+            g_phases.exchange += t1 - t0;
         }
         if (id != 0) {
             auto rel = g.release(id);
             (void)co_await std::move(rel);
+            g_phases.release += now_ns() - t1;
+            ++g_phases.n;
         }
         if (rc != 0) {
             std::fprintf(stderr, "bench guest dom%u: connection %llu failed (%d)\n", job.domid,
@@ -246,6 +274,7 @@ rt::Task<int> connrate(Guest& g, rt::Reactor& r, const GuestJob& job) {
         r.spawn(connrate_loop(g, job, job.sh->claim(), join));
     }
     co_await join_all(join);
+    g_phases.report();
     co_return join.failures == 0 ? 0 : 1;
 }
 

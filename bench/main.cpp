@@ -49,6 +49,8 @@ struct Config {
     std::vector<unsigned> sweep_workers{1, 2, 4};
     std::vector<unsigned> sweep_orders{2, 4, 6, 8, 9};
     std::vector<std::string> only;  // sections; empty = all
+    std::vector<std::string> flows;  // throughput flows by short name; empty = all
+    bool only_xensock = false;       // profiling: skip the baselines
     bool smoke = false;
     bool socat = true;
 
@@ -169,6 +171,9 @@ struct Flow {
     bool to_host = true;  // guest -> host (else host -> guest)
     unsigned streams = 1;
     unsigned guests = 1;  // xensock: streams spread over this many guests
+    std::string short_name() const {
+        return fmt::format("{}{}{}", to_host ? "g2h" : "h2g", streams, guests > 1 ? fmt::format("x{}", guests) : "");
+    }
     std::string name() const {
         return fmt::format("{} {} stream{}{}", to_host ? "guest->host" : "host->guest", streams,
                            streams == 1 ? "" : "s", guests > 1 ? fmt::format(", {} guests", guests) : "");
@@ -470,6 +475,8 @@ int main(int argc, char** argv) {
     app.add_option("--sweep-workers", cfg.sweep_workers, "Worker counts to sweep")->delimiter(',');
     app.add_option("--sweep-orders", cfg.sweep_orders, "Ring orders to sweep")->delimiter(',');
     app.add_option("--only", sections, "Comma-separated sections: throughput,rtt,connrate,scale,sweep");
+    app.add_option("--flows", cfg.flows, "Throughput flows: g2h1,g2h8,g2h8x8,h2g1,h2g8,h2g8x8")->delimiter(',');
+    app.add_flag("--only-xensock", cfg.only_xensock, "No baselines (for profiling xensockd)");
     app.add_flag("--no-socat", [&](int64_t) { cfg.socat = false; }, "Skip the socat relay");
     app.add_flag("--smoke", cfg.smoke, "Tiny sizes, one repetition: checks that everything runs and every byte arrives");
     CLI11_PARSE(app, argc, argv);
@@ -543,12 +550,15 @@ int main(int argc, char** argv) {
             fmt::print("{:<36} {:>9} {:>9} {:>8} {:>9} {:>9} {:>14} {:>12}\n", "flow", "xensock", "loopback",
                        "xs/lo", "socat", "xs/socat", "xensockd s/GiB", "socat s/GiB");
             for (const Flow& f : flows) {
+                if (!cfg.flows.empty() && std::find(cfg.flows.begin(), cfg.flows.end(), f.short_name()) == cfg.flows.end())
+                    continue;
                 std::vector<double> xs, lo, so, xs_cpu, so_cpu;
                 for (unsigned rep = 0; rep < cfg.reps; ++rep) {
                     // Rotate the order so that drift in the machine's load
                     // does not always favour the same path.
-                    std::vector<Path> order_paths{Path::xensock, Path::loopback};
-                    if (socat_ok) order_paths.push_back(Path::socat);
+                    std::vector<Path> order_paths{Path::xensock};
+                    if (!cfg.only_xensock) order_paths.push_back(Path::loopback);
+                    if (socat_ok && !cfg.only_xensock) order_paths.push_back(Path::socat);
                     std::rotate(order_paths.begin(), order_paths.begin() + rep % order_paths.size(), order_paths.end());
                     for (Path p : order_paths) {
                         const TpResult r = run_throughput(cfg, p, f, per_stream(f), &main_daemon, cfg.ring_order);
@@ -661,7 +671,10 @@ int main(int argc, char** argv) {
         try {
             fmt::print("== Sweep: ring order x worker threads (xensock GiB/s, ratio to loopback of this run; connection "
                        "rate conn/s)\n");
-            std::vector<Flow> sweep_flows = flows;
+            std::vector<Flow> sweep_flows;
+            for (const Flow& f : flows)
+                if (cfg.flows.empty() || std::find(cfg.flows.begin(), cfg.flows.end(), f.short_name()) != cfg.flows.end())
+                    sweep_flows.push_back(f);
             // Baselines, if the throughput section did not run.
             for (const Flow& f : sweep_flows) {
                 if (loopback_tp.count(f.name())) continue;
@@ -691,7 +704,9 @@ int main(int argc, char** argv) {
                         if (ratio > b.first) b = {ratio, fmt::format("{:.3f} GiB/s = {} at workers {}, order {}", x, fmt_ratio(ratio), w, o)};
                     }
                     std::vector<double> rates;
-                    for (unsigned rep = 0; rep < cfg.reps; ++rep) rates.push_back(run_connrate(cfg, Path::xensock, &d, o).per_sec);
+                    if (cfg.want("connrate"))
+                        for (unsigned rep = 0; rep < cfg.reps; ++rep)
+                            rates.push_back(run_connrate(cfg, Path::xensock, &d, o).per_sec);
                     fmt::print(" {:>8.0f}\n", median(rates));
                     std::fflush(stdout);
                 }
