@@ -18,6 +18,6 @@ while { [ ! -c /dev/xen/evtchn ] || [ ! -c /dev/xen/gntalloc ] || [ ! -c /dev/xe
     n=$((n + 1))
 done
 xen-guest-test --label "$lab_label" --echo-port "$lab_echo" --listen-port "$lab_listen" \
-    --bytes "$lab_bytes" --accept-bytes "$lab_accept_bytes" --hold
+    --bytes "$lab_bytes" --accept-bytes "$lab_accept_bytes" --ring-order "$lab_order" --hold-port "$lab_hold"
 echo "XENSOCK-GUEST $lab_label END exit=$? (xen-guest-test returned)"
 while true; do sleep 3600; done

@@ -11,11 +11,12 @@
 #   guest A (lab-a): `xl create` with pvcalls = [ 'backend=0' ] (PVCalls v1);
 #   guest B (lab-b): a xensock device made by `xensockctl attach`.
 # Each guest connects to dom0's echo service and moves BYTES (64 MiB) each
-# way with every byte checked on both ends, accepts a connection from a dom0
-# client, gets -ENOTSUPP for an unknown command, releases everything, then
-# holds a new session while dom0 runs `xl destroy`; dom0 checks that
-# xensockd wrote Closed (6) and that libxl removed the device without its
-# 10 s timeout. See dom0-init.sh and xen-guest-test.cpp for every check.
+# way with every byte checked on both ends (A with ring order 6, B with 9),
+# accepts a connection from a dom0 client, gets -ENOTSUPP for an unknown
+# command, runs 8 sockets at once, releases everything, then holds a new
+# session while dom0 runs `xl destroy`; dom0 checks that xensockd wrote
+# Closed (6) and that libxl removed the device without its 10 s timeout.
+# See dom0-init.sh and xen-guest-test.cpp for every check.
 #
 # Steps:
 #   1. host tools: qemu-system-x86_64, busybox, cpio (apt-get installs
@@ -214,6 +215,8 @@ ECHO_PORT_A=5101
 ECHO_PORT_B=5102
 LISTEN_PORT_A=6101
 LISTEN_PORT_B=6102
+HOLD_PORT_A=5201
+HOLD_PORT_B=5202
 GUEST_MEM=256
 GUEST_TIMEOUT=$((TIMEOUT * 2 / 3))
 XENSOCKD_LOG_LEVEL=$LOG_LEVEL
@@ -264,6 +267,7 @@ for g in A B; do
     EXPECTED+=" $g/xl-create"
     [ "$g" = B ] && EXPECTED+=" B/xensockctl-attach"
     EXPECTED+=" $g/platform $g/attach $g/unknown-cmd $g/connect-echo $g/dom0-echo-received $g/accept $g/dom0-client"
+    EXPECTED+=" $g/parallel"
     EXPECTED+=" $g/release-all $g/hold $g/guest-finished $g/xl-destroy $g/backend-closed $g/host-socket-closed"
     [ "$g" = A ] && EXPECTED+=" A/backend-removed"
     [ "$g" = B ] && EXPECTED+=" B/xensockctl-detach"
@@ -284,14 +288,21 @@ while IFS= read -r line; do
     esac
     echo "  $text"
 done < <(grep -aE 'XENSOCK-CHECK (PASS|FAIL) ' "$SERIAL")
-# Each guest must have used its own protocol.
-for pair in A:pvcalls B:xensock; do
-    g=${pair%%:*} proto=${pair#*:}
+# Each guest must have used its own protocol and ring order.
+for want in A:pvcalls:6 B:xensock:9; do
+    IFS=: read -r g proto order <<<"$want"
     if grep -aqE "XENSOCK-CHECK PASS $g/attach \\($proto device" "$SERIAL"; then
         echo "  PASS $g/protocol ($proto)"
         pass=$((pass + 1))
     elif [ -n "${seen[$g/attach]:-}" ]; then
         echo "  FAIL $g/protocol: guest $g did not attach a $proto device"
+        failed=$((failed + 1))
+    fi
+    if grep -aqE "XENSOCK-CHECK PASS $g/connect-echo \\(.*ring order $order," "$SERIAL"; then
+        echo "  PASS $g/ring-order ($order)"
+        pass=$((pass + 1))
+    elif [ -n "${seen[$g/connect-echo]:-}" ]; then
+        echo "  FAIL $g/ring-order: guest $g's connect-echo did not use ring order $order"
         failed=$((failed + 1))
     fi
 done

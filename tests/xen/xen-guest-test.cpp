@@ -16,12 +16,15 @@
 //                  every received byte checked against the pattern, checksums
 //   accept         bind/listen in dom0's network, accept a dom0 client, echo
 //                  what it sends (checked against the pattern) back to it
+//   parallel       --parallel sockets (ring order 4) connected to the echo
+//                  service at once, --parallel-bytes each way on each
 //   release-all    every socket released with 0, then an orderly close: the
 //                  backend follows to Closing/Closed
-//   hold           (with --hold) attach again and keep a connected socket, so
-//                  that `xl destroy` meets a live session
+//   hold           (with --hold-port) attach again and keep a socket connected
+//                  to dom0's second echo service, so that `xl destroy` meets
+//                  a live session
 //
-// then `XENSOCK-GUEST END <label> failed=<n>`; with --hold it then sleeps
+// then `XENSOCK-GUEST END <label> failed=<n>`; with --hold-port it then sleeps
 // until the domain is destroyed. Exit code: 0 if every check passed.
 #include "lab_common.hpp"
 
@@ -56,7 +59,9 @@ struct Args {
     uint64_t bytes = 64ull << 20;        // each way through the echo service
     uint64_t accept_bytes = 8ull << 20;  // from the dom0 client
     unsigned ring_order = 0;             // 0: the library's default
-    bool hold = false;
+    unsigned parallel = 8;
+    uint64_t parallel_bytes = 1ull << 20;
+    uint16_t hold_port = 0;              // 0: no hold
     int device_wait_s = 120;
 };
 
@@ -144,6 +149,12 @@ rt::Task<void> recv_pattern(frontend::Guest* g, uint64_t id, uint64_t total, uin
         out->received += static_cast<uint64_t>(k);
     }
     out->sum = sum.value();
+}
+
+rt::Task<void> recv_spawned(frontend::Guest* g, uint64_t id, uint64_t total, uint64_t seed, RecvResult* out,
+                            rt::Event* done) {
+    co_await recv_pattern(g, id, total, seed, out);
+    done->set();
 }
 
 // ------------------------------------------------------------------ checks
@@ -273,6 +284,54 @@ rt::Task<void> check_accept(frontend::Guest& g, const Args& args) {
                        : why);
 }
 
+rt::Task<void> check_parallel(rt::Reactor& r, frontend::Guest& g, const Args& args) {
+    const size_t n = args.parallel;
+    if (n == 0) co_return;
+    std::vector<uint64_t> ids;
+    const auto addr = *frontend::ipv4("127.0.0.1", args.echo_port);
+    frontend::RingOptions small;
+    small.order = 4;  // 16 pages, 32 KiB each way (what Linux pvcalls-front uses)
+    std::string why;
+    for (size_t i = 0; i < n && why.empty(); ++i) {
+        uint64_t id = 0;
+        long rc = co_await g.socket(id);
+        if (rc == 0) {
+            ids.push_back(id);
+            rc = co_await g.connect(id, addr, small);
+        }
+        if (rc != 0) why = fmt::format("socket {} of {}: SOCKET/CONNECT: {}", i + 1, n, rc_text(rc));
+    }
+    const auto t0 = Clock::now();
+    if (why.empty()) {
+        std::vector<SendResult> sent(n);
+        std::vector<RecvResult> got(n);
+        std::vector<std::unique_ptr<rt::Event>> events;
+        for (size_t i = 0; i < n; ++i) {
+            const uint64_t seed = lab::seed_of(fmt::format("{}/parallel/{}", g_label, i));
+            events.push_back(std::make_unique<rt::Event>(r));
+            r.spawn(send_pattern(&g, ids[i], args.parallel_bytes, seed, &sent[i], events.back().get()));
+            events.push_back(std::make_unique<rt::Event>(r));
+            r.spawn(recv_spawned(&g, ids[i], args.parallel_bytes, seed, &got[i], events.back().get()));
+        }
+        for (auto& e : events) co_await e->wait();
+        for (size_t i = 0; i < n && why.empty(); ++i) {
+            if (sent[i].rc != 0) why = fmt::format("socket {}: send failed with {}", i + 1, rc_text(sent[i].rc));
+            else if (got[i].rc != 0) why = fmt::format("socket {}: {}", i + 1, got[i].error);
+            else if (got[i].sum != sent[i].sum) why = fmt::format("socket {}: checksums differ", i + 1);
+        }
+    }
+    const double secs = since(t0);
+    for (const auto id : ids) {
+        const long rc = co_await g.release(id);
+        if (rc != 0 && why.empty()) why = fmt::format("RELEASE of socket {}: {}", id, rc_text(rc));
+    }
+    report(why.empty(), "parallel",
+           why.empty() ? fmt::format("{} sockets with ring order 4 at once, {} KiB each way on each, all verified, "
+                                     "in {:.1f} s",
+                                     n, args.parallel_bytes >> 10, secs)
+                       : why);
+}
+
 std::optional<const wire::ProtocolProfile*> find_device(platform::XenStore& xs, platform::DomId self) {
     for (const auto* p : wire::all_profiles()) {
         if (xs.read(toolstack::frontend_dir(*p, self) + "/backend")) return p;
@@ -317,6 +376,7 @@ rt::Task<int> run(rt::Reactor& r, platform::Platform& p, const Args& args) {
     co_await check_unknown_command(*g);
     co_await check_connect_echo(r, *g, args);
     co_await check_accept(*g, args);
+    co_await check_parallel(r, *g, args);
 
     // Everything released (each release above was checked), then an
     // orderly close.
@@ -330,7 +390,7 @@ rt::Task<int> run(rt::Reactor& r, platform::Platform& p, const Args& args) {
                        left, state ? *state : "(missing)", g->stats().requests, g->stats().responses));
     g.reset();
 
-    if (args.hold) {
+    if (args.hold_port != 0) {
         // A second session that is alive when the domain is destroyed.
         std::unique_ptr<frontend::Guest> h;
         try {
@@ -340,7 +400,7 @@ rt::Task<int> run(rt::Reactor& r, platform::Platform& p, const Args& args) {
         }
         uint64_t id = 0;
         long rc = h ? co_await h->socket(id) : -ENOTCONN;
-        const auto addr = *frontend::ipv4("127.0.0.1", args.echo_port);
+        const auto addr = *frontend::ipv4("127.0.0.1", args.hold_port);
         if (rc == 0) rc = co_await h->connect(id, addr);
         RecvResult got;
         if (rc == 0) {
@@ -353,9 +413,9 @@ rt::Task<int> run(rt::Reactor& r, platform::Platform& p, const Args& args) {
             rc = sent.rc != 0 ? sent.rc : got.rc;
         }
         report(rc == 0, "hold",
-               rc == 0 ? fmt::format("attached again, socket {} connected to the echo service and 1 MiB echoed; "
+               rc == 0 ? fmt::format("attached again, socket {} connected to 127.0.0.1:{} and 1 MiB echoed; "
                                      "holding it for xl destroy",
-                                     id)
+                                     id, args.hold_port)
                        : (h ? fmt::format("{} {}", rc_text(rc), got.error) : "attach again failed: " + error));
         note(fmt::format("END {} failed={}", g_label, g_failed));
         while (true) co_await r.sleep_for(3600s);  // until the domain dies
@@ -367,7 +427,7 @@ rt::Task<int> run(rt::Reactor& r, platform::Platform& p, const Args& args) {
 void usage() {
     std::fprintf(stderr,
                  "usage: xen-guest-test [--label L] [--echo-port P] [--listen-port P] [--bytes N] "
-                 "[--accept-bytes N] [--ring-order K] [--hold]\n"
+                 "[--accept-bytes N] [--ring-order K] [--parallel N] [--parallel-bytes N] [--hold-port P]\n"
                  "Runs inside a Xen PV guest with a xensock or pvcalls device; see the top of "
                  "tests/xen/xen-guest-test.cpp.\n");
 }
@@ -391,7 +451,9 @@ int main(int argc, char** argv) {
         else if (a == "--bytes") args.bytes = std::strtoull(value(), nullptr, 0);
         else if (a == "--accept-bytes") args.accept_bytes = std::strtoull(value(), nullptr, 0);
         else if (a == "--ring-order") args.ring_order = static_cast<unsigned>(std::atoi(value()));
-        else if (a == "--hold") args.hold = true;
+        else if (a == "--parallel") args.parallel = static_cast<unsigned>(std::atoi(value()));
+        else if (a == "--parallel-bytes") args.parallel_bytes = std::strtoull(value(), nullptr, 0);
+        else if (a == "--hold-port") args.hold_port = static_cast<uint16_t>(std::atoi(value()));
         else if (a == "--help" || a == "-h") {
             usage();
             return 0;
