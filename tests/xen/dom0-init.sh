@@ -67,7 +67,7 @@ done
 missing=
 for d in privcmd evtchn gntdev gntalloc xenbus xenbus_backend; do [ -c /dev/xen/$d ] || missing="$missing $d"; done
 if [ -n "$missing" ]; then ok=0; fail dom0/modules "missing /dev/xen/:$missing"; fi
-[ "$ok" = 1 ] && pass dom0/modules "xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc; /dev/xen: $(echo $(ls /dev/xen))"
+[ "$ok" = 1 ] && pass dom0/modules "xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc; /dev/xen: $(ls /dev/xen | tr '\n' ' ' | sed 's/ $//')"
 ifconfig lo 127.0.0.1 up
 
 # --- toolstack: xenstored, xen-init-dom0, xenconsoled -----------------------

@@ -2,6 +2,7 @@
 # /init of the real-Xen lab's PV guests (busybox sh). Its console is logged by
 # xenconsoled in dom0, which streams it to the serial line. The lab_*
 # variables come from the kernel command line (dom0-init.sh's guest_cfg).
+# shellcheck disable=SC2154 # lab_* are set by the kernel from its command line
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
