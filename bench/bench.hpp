@@ -30,13 +30,16 @@ struct Record {
     std::atomic<uint64_t> end_ns{0};
     std::atomic<uint64_t> count{0};  // exchanges completed (connection rate)
     std::atomic<int32_t> status{0};  // 0 ok, else what failed
+    std::atomic<uint64_t> sent{0};    // scale: payload bytes the guest queued
+    std::atomic<uint64_t> window{0};  // scale: bytes the sink read inside the window
 };
 
 struct Shared {
     std::atomic<uint32_t> ready{0};  // clients (and servers' accepts) set up
     std::atomic<uint32_t> go{0};     // futex word: 1 = start
     std::atomic<uint64_t> go_ns{0};
-    std::atomic<uint64_t> stop_ns{0};  // connection rate: stop starting new ones
+    std::atomic<uint64_t> stop_ns{0};  // connection rate, scale: stop starting new ones / sending
+    std::atomic<uint64_t> window_begin_ns{0}, window_end_ns{0};  // scale: fairness window
     std::atomic<uint32_t> next_record{0};
     std::atomic<int32_t> failures{0};
     // Round trips, filled by the one RTT client.
@@ -97,6 +100,10 @@ RssInfo read_rss(pid_t pid, const std::string& sim_root);
 // leaving bytes and EOF time in a claimed record. Threads for a few
 // connections, epoll for many.
 int run_sink(Shared* sh, int listen_fd, uint32_t expected);
+// Scale: accepts `expected` connections on one epoll thread; each starts
+// with an 8-byte record index (its guest's), then payload until EOF. Counts
+// payload per record, and separately what arrives inside the window.
+int run_scale_sink(Shared* sh, int listen_fd, uint32_t expected);
 // Accepts `expected` connections (ready++ each), waits for go, then writes
 // `bytes` on each in 64 KiB writes and closes.
 int run_source(Shared* sh, int listen_fd, uint32_t expected, uint64_t bytes);
@@ -125,7 +132,7 @@ struct GuestJob {
     unsigned warmup = 0, samples = 0;  // rtt
     size_t msg = 32;                   // connection rate
 };
-enum class GuestKind { bulk_send, bulk_recv, rtt, connrate };
+enum class GuestKind { bulk_send, bulk_recv, rtt, connrate, scale_send };
 // Runs in the child: opens the sim platform as `domid`, attaches, runs the
 // workload, closes. Returns the exit code.
 int run_guest(GuestKind kind, const GuestJob& job);

@@ -118,6 +118,57 @@ rt::Task<int> bulk_send(Guest& g, rt::Reactor& r, const GuestJob& job) {
     co_return join.failures == 0 ? 0 : 1;
 }
 
+// ----------------------------------------------------------------- scale
+// Sends for the whole run (until stop_ns); the first 8 bytes name the
+// connection's record so that the sink can count it against what was sent.
+rt::Task<void> scale_stream(Guest& g, uint64_t id, const GuestJob& job, uint32_t index, Join& join) {
+    Record& rec = job.sh->rec[index];
+    rec.count.store(job.domid);  // scale: which guest (the bench groups by worker)
+    std::byte tag[8];
+    for (unsigned i = 0; i < sizeof tag; ++i) tag[i] = static_cast<std::byte>((uint64_t{index} >> (8 * i)) & 0xFF);
+    const std::span<const std::byte> head(tag, sizeof tag);
+    auto send_tag = g.send_all(id, head);
+    bool ok = co_await std::move(send_tag) == static_cast<ssize_t>(sizeof tag);
+    const std::byte* buf = app_buffer();
+    uint64_t sent = 0;
+    while (ok && now_ns() < job.sh->stop_ns.load(std::memory_order_relaxed)) {
+        const std::span<const std::byte> data(buf, kChunk);
+        auto send = g.send_all(id, data);
+        const ssize_t s = co_await std::move(send);
+        if (s != static_cast<ssize_t>(kChunk)) {
+            std::fprintf(stderr, "bench guest dom%u: send_all returned %zd\n", job.domid, s);
+            ok = false;
+            break;
+        }
+        sent += kChunk;
+    }
+    rec.sent.store(sent);
+    auto rel = g.release(id);
+    if (co_await std::move(rel) != 0) ok = false;
+    join.leave(ok);
+}
+
+rt::Task<int> scale_send(Guest& g, rt::Reactor& r, const GuestJob& job) {
+    std::vector<uint64_t> ids(job.streams);
+    std::vector<uint32_t> index(job.streams);
+    for (unsigned i = 0; i < job.streams; ++i) {
+        auto open = open_connection(g, job, ids[i]);
+        const int rc = co_await std::move(open);
+        BCHECK(rc == 0);
+        index[i] = job.sh->next_record.fetch_add(1);
+        BCHECK(index[i] < job.sh->capacity);
+    }
+    job.sh->ready.fetch_add(job.streams);
+    job.sh->wait_go();
+    Join join(r);
+    for (unsigned i = 0; i < job.streams; ++i) {
+        ++join.running;
+        r.spawn(scale_stream(g, ids[i], job, index[i], join));
+    }
+    co_await join_all(join);
+    co_return join.failures == 0 ? 0 : 1;
+}
+
 // ------------------------------------------------------------- bulk recv
 rt::Task<void> recv_stream(Guest& g, uint64_t id, const GuestJob& job, Record* rec, Join& join) {
     std::vector<std::byte> buf(kChunk);
@@ -299,6 +350,11 @@ rt::Task<int> guest_main(rt::Reactor& reactor, platform::Platform& platform, Gue
         }
         case GuestKind::rtt: {
             auto t = rtt(*guest, reactor, job);
+            rc = co_await std::move(t);
+            break;
+        }
+        case GuestKind::scale_send: {
+            auto t = scale_send(*guest, reactor, job);
             rc = co_await std::move(t);
             break;
         }

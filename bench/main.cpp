@@ -42,12 +42,16 @@ struct Config {
     unsigned conn_concurrency = 8;
     size_t conn_msg = 32;
     unsigned scale_guests = 100, scale_conns = 100;
-    uint64_t scale_bytes = 256 * kKiB;
+    // Long enough that every connection moves many ring-fulls inside the
+    // fairness window: with ring order 1 one connection moves ~25 KiB/s, and
+    // over a few seconds sampling noise alone costs a few points of Jain's index.
+    double scale_secs = 30.0;
     unsigned scale_order = 1;
     unsigned workers = 0;     // 0: xensockd's default
     unsigned ring_order = 0;  // 0: the frontend's default
     std::vector<unsigned> sweep_workers{1, 2, 4};
-    std::vector<unsigned> sweep_orders{2, 4, 6, 8, 9};
+    std::vector<unsigned> sweep_orders{4, 6, 8, 9};
+    unsigned sweep_reps = 1;
     std::vector<std::string> only;  // sections; empty = all
     std::vector<std::string> flows;  // throughput flows by short name; empty = all
     bool only_xensock = false;       // profiling: skip the baselines
@@ -342,6 +346,10 @@ struct ScaleResult {
     uint32_t connections = 0, completed = 0;
     double setup_secs = 0, transfer_secs = 0, gib_s = 0;
     double jain = 0, min_share = 0;  // slowest connection's throughput / mean
+    std::vector<double> worker_mean;  // mean window throughput of the guests on each worker (domid % workers)
+    std::vector<double> worker_jain;
+    double guest_jain = 0;       // over the guests' totals (each guest's share of the machine)
+    double within_guest_jain = 0;  // mean over guests of the index among its own connections
     RssInfo idle, connected, peak;   // peak: highest non-ring RSS seen
     double cpu_per_gib = 0;
     uint64_t bytes = 0;
@@ -354,7 +362,7 @@ ScaleResult run_scale(const Config& cfg, Daemon& d) {
     ProcSet procs;
     uint16_t port = 0;
     FdCloser lfd{listen_on(0, port, 4096)};
-    const pid_t sink = procs.spawn([&] { return run_sink(sh, lfd.fd, total); });
+    const pid_t sink = procs.spawn([&] { return run_scale_sink(sh, lfd.fd, total); });
     ScaleResult r;
     r.connections = total;
     r.idle = read_rss(d.pid(), d.env->root());
@@ -375,8 +383,7 @@ ScaleResult run_scale(const Config& cfg, Daemon& d) {
         job.sh = sh;
         job.port = port;
         job.streams = cfg.scale_conns;
-        job.bytes = cfg.scale_bytes;
-        guests.push_back(procs.spawn([job] { return run_guest(GuestKind::bulk_send, job); }));
+        guests.push_back(procs.spawn([job] { return run_guest(GuestKind::scale_send, job); }));
     }
     std::vector<pid_t> all = guests;
     all.push_back(sink);
@@ -385,6 +392,13 @@ ScaleResult run_scale(const Config& cfg, Daemon& d) {
     r.connected = read_rss(d.pid(), d.env->root());
     sample();
     const double cpu0 = cpu_seconds(d.pid());
+    // Everyone sends for scale_secs; fairness is judged on the middle half,
+    // when every connection is busy (none has started late or stopped).
+    const uint64_t span = static_cast<uint64_t>(cfg.scale_secs * 1e9);
+    const uint64_t start = now_ns();
+    sh->window_begin_ns.store(start + span / 4);
+    sh->window_end_ns.store(start + 3 * span / 4);
+    sh->stop_ns.store(start + span);
     sh->release_go();
     // Sample while the data moves, until the sink has seen every EOF.
     while (procs.alive(sink)) {
@@ -396,23 +410,50 @@ ScaleResult run_scale(const Config& cfg, Daemon& d) {
     for (pid_t g : guests) failed += procs.wait(g, 120s) != 0;
     const double cpu = cpu_seconds(d.pid()) - cpu0;
 
-    std::vector<double> rates;
+    std::vector<double> window;
     uint64_t end = 0;
     const uint64_t go = sh->go_ns.load();
+    const double window_secs = static_cast<double>(sh->window_end_ns.load() - sh->window_begin_ns.load()) / 1e9;
     for (uint32_t i = 0; i < std::min(sh->next_record.load(), sh->capacity); ++i) {
         const Record& rec = sh->rec[i];
-        if (rec.bytes.load() == cfg.scale_bytes && rec.status.load() == 0) ++r.completed;
+        // Complete: closed cleanly, and the sink counted every byte queued.
+        if (rec.end_ns.load() != 0 && rec.status.load() == 0 && rec.sent.load() > 0 &&
+            rec.bytes.load() == rec.sent.load())
+            ++r.completed;
         r.bytes += rec.bytes.load();
         end = std::max(end, rec.end_ns.load());
-        rates.push_back(static_cast<double>(rec.bytes.load()) / (static_cast<double>(rec.end_ns.load() - go) / 1e9));
+        window.push_back(static_cast<double>(rec.window.load()) / window_secs);
     }
     r.transfer_secs = static_cast<double>(end - go) / 1e9;
     r.gib_s = static_cast<double>(r.bytes) / static_cast<double>(kGiB) / r.transfer_secs;
-    r.jain = jain_index(rates);
-    if (!rates.empty()) {
+    r.jain = jain_index(window);
+    {
+        std::vector<std::vector<double>> by_worker(d.workers);
+        for (uint32_t i = 0; i < window.size(); ++i)
+            by_worker[sh->rec[i].count.load() % d.workers].push_back(window[i]);
+        std::map<uint64_t, std::vector<double>> by_guest;
+        for (uint32_t i = 0; i < window.size(); ++i) by_guest[sh->rec[i].count.load()].push_back(window[i]);
+        std::vector<double> totals;
+        double within = 0;
+        for (const auto& [dom, v] : by_guest) {
+            double sum = 0;
+            for (double x : v) sum += x;
+            totals.push_back(sum);
+            within += jain_index(v);
+        }
+        r.guest_jain = jain_index(totals);
+        r.within_guest_jain = by_guest.empty() ? 0 : within / static_cast<double>(by_guest.size());
+        for (const auto& w : by_worker) {
+            double sum = 0;
+            for (double v : w) sum += v;
+            r.worker_mean.push_back(w.empty() ? 0 : sum / static_cast<double>(w.size()));
+            r.worker_jain.push_back(jain_index(w));
+        }
+    }
+    if (!window.empty()) {
         double sum = 0;
-        for (double v : rates) sum += v;
-        r.min_share = *std::min_element(rates.begin(), rates.end()) / (sum / static_cast<double>(rates.size()));
+        for (double v : window) sum += v;
+        r.min_share = *std::min_element(window.begin(), window.end()) / (sum / static_cast<double>(window.size()));
     }
     r.cpu_per_gib = cpu / (static_cast<double>(r.bytes) / static_cast<double>(kGiB));
     if (failed) std::fprintf(stderr, "bench: %d guest process(es) failed in the scale run\n", failed);
@@ -460,7 +501,7 @@ int main(int argc, char** argv) {
     std::string sections;
     app.add_option("--protocol", cfg.protocol, "xensock or pvcalls")->capture_default_str();
     app.add_option("--reps", cfg.reps, "Repetitions of each measurement (the median is reported)")->capture_default_str();
-    uint64_t run_mib = cfg.run_bytes / kMiB, scale_kib = cfg.scale_bytes / kKiB;
+    uint64_t run_mib = cfg.run_bytes / kMiB;
     app.add_option("--run-mib", run_mib, "MiB moved per throughput run (split over the streams)")->capture_default_str();
     app.add_option("--rtt-samples", cfg.rtt_samples, "Round trips timed per RTT run")->capture_default_str();
     app.add_option("--connrate-secs", cfg.connrate_secs, "Seconds per connection-rate run")->capture_default_str();
@@ -468,12 +509,13 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     app.add_option("--scale-guests", cfg.scale_guests, "Guest processes in the scale run")->capture_default_str();
     app.add_option("--scale-conns", cfg.scale_conns, "Connections per guest in the scale run")->capture_default_str();
-    app.add_option("--scale-kib", scale_kib, "KiB each scale connection sends")->capture_default_str();
+    app.add_option("--scale-secs", cfg.scale_secs, "Seconds every scale connection keeps sending")->capture_default_str();
     app.add_option("--scale-ring-order", cfg.scale_order, "Data ring order of the scale run")->capture_default_str();
     app.add_option("--workers", cfg.workers, "xensockd --workers for the main figures (default: xensockd's default)");
     app.add_option("--ring-order", cfg.ring_order, "Data ring order for the main figures (default: the frontend's)");
     app.add_option("--sweep-workers", cfg.sweep_workers, "Worker counts to sweep")->delimiter(',');
     app.add_option("--sweep-orders", cfg.sweep_orders, "Ring orders to sweep")->delimiter(',');
+    app.add_option("--sweep-reps", cfg.sweep_reps, "Repetitions of each sweep point")->capture_default_str();
     app.add_option("--only", sections, "Comma-separated sections: throughput,rtt,connrate,scale,sweep");
     app.add_option("--flows", cfg.flows, "Throughput flows: g2h1,g2h8,g2h8x8,h2g1,h2g8,h2g8x8")->delimiter(',');
     app.add_flag("--only-xensock", cfg.only_xensock, "No baselines (for profiling xensockd)");
@@ -481,7 +523,6 @@ int main(int argc, char** argv) {
     app.add_flag("--smoke", cfg.smoke, "Tiny sizes, one repetition: checks that everything runs and every byte arrives");
     CLI11_PARSE(app, argc, argv);
     cfg.run_bytes = run_mib * kMiB;
-    cfg.scale_bytes = scale_kib * kKiB;
 
     if (!sections.empty()) {
         size_t start = 0;
@@ -505,7 +546,7 @@ int main(int argc, char** argv) {
         cfg.conn_concurrency = 2;
         cfg.scale_guests = 3;
         cfg.scale_conns = 4;
-        cfg.scale_bytes = 128 * kKiB;
+        cfg.scale_secs = 1.0;
         cfg.sweep_workers = {1, 2};
         cfg.sweep_orders = {1, 9};
     }
@@ -536,6 +577,7 @@ int main(int argc, char** argv) {
     int errors = 0;
     const std::vector<Flow> flows{{true, 1, 1}, {true, 8, 1}, {true, 8, 8}, {false, 1, 1}, {false, 8, 1}, {false, 8, 8}};
     std::map<std::string, double> loopback_tp;  // by flow: baseline for the sweep
+    double loopback_rate = 0;                   // connections/s: baseline for the sweep
     auto per_stream = [&](const Flow& f) { return cfg.run_bytes / f.streams; };
     const bool socat_ok = cfg.socat && ::system("command -v socat >/dev/null 2>&1") == 0;
     if (cfg.socat && !socat_ok) fmt::print("socat not found: the relay column is skipped (scripts/bench.sh installs it)\n");
@@ -627,28 +669,61 @@ int main(int argc, char** argv) {
             fmt::print("{:<10} {:>9} {:>9} {:>8}\n", "", "xensock", "loopback", "ratio");
             fmt::print("{:<10} {:>9.0f} {:>9.0f} {:>8}\n\n", "conn/s", median(xs), median(lo), fmt_ratio(median(xs) / median(lo)));
             summary.target("connection rate vs loopback", median(xs) / median(lo), ">= 0.50x", median(xs) / median(lo) >= 0.5);
+            loopback_rate = median(lo);
             std::fflush(stdout);
         }
 
         // ------------------------------------------------------------ 5: scale
         if (cfg.want("scale")) {
-            fmt::print("== 5. Scale: {} guest processes x {} connections = {} concurrent connections, {} KiB each "
-                       "guest->host, ring order {}\n",
-                       cfg.scale_guests, cfg.scale_conns, cfg.scale_guests * cfg.scale_conns, cfg.scale_bytes / kKiB,
+            // On sim xensockd holds three descriptors per connection (the host
+            // socket, the event channel's Unix socket and the O_PATH pin of the
+            // guest's end) and two per guest (its mem and gnttab files). It inherits our limit; without
+            // CAP_SYS_RESOURCE the hard limit cannot be raised, and then the
+            // run is cut to what fits, and says so.
+            rlimit lim{};
+            ::getrlimit(RLIMIT_NOFILE, &lim);
+            const uint64_t asked = uint64_t{cfg.scale_guests} * cfg.scale_conns;
+            const uint64_t fixed = 128 + 2ull * cfg.scale_guests;
+            if (fixed + 3 * asked > lim.rlim_cur) {
+                const unsigned fit = lim.rlim_cur > fixed
+                                         ? static_cast<unsigned>((lim.rlim_cur - fixed) / (3ull * cfg.scale_guests))
+                                         : 0;
+                fmt::print("NOTE: RLIMIT_NOFILE is {} and cannot be raised here (no CAP_SYS_RESOURCE); xensockd needs "
+                           "3 descriptors per connection on sim, so {} x {} connections are cut to {} x {} = {}\n",
+                           lim.rlim_cur, cfg.scale_guests, cfg.scale_conns, cfg.scale_guests, fit,
+                           uint64_t{cfg.scale_guests} * fit);
+                cfg.scale_conns = fit;
+            }
+            fmt::print("== 5. Scale: {} guest processes x {} connections = {} concurrent connections, all sending "
+                       "guest->host for {:.0f} s, ring order {}\n",
+                       cfg.scale_guests, cfg.scale_conns, cfg.scale_guests * cfg.scale_conns, cfg.scale_secs,
                        cfg.scale_order);
             const ScaleResult r = run_scale(cfg, main_daemon);
             auto mib = [](uint64_t kib) { return static_cast<double>(kib) / 1024.0; };
-            fmt::print("  completed                        {} of {} (every byte counted at the sink)\n", r.completed,
-                       r.connections);
+            fmt::print("  completed                        {} of {} (closed cleanly, every byte sent counted at the sink)\n",
+                       r.completed, r.connections);
             fmt::print("  set-up (attach + connect all)    {:.2f} s\n", r.setup_secs);
             fmt::print("  transfer                         {:.2f} s, {:.3f} GiB/s aggregate\n", r.transfer_secs, r.gib_s);
-            fmt::print("  Jain's fairness index            {:.4f} (slowest connection at {:.2f} of the mean)\n", r.jain,
-                       r.min_share);
+            fmt::print("  Jain's fairness index            {:.4f} over the middle half of the run (slowest connection at "
+                       "{:.2f} of the mean)\n",
+                       r.jain, r.min_share);
+            fmt::print("  Jain between guests (totals)     {:.4f}; within a guest (mean) {:.4f}\n", r.guest_jain,
+                       r.within_guest_jain);
+            for (size_t w = 0; w < r.worker_mean.size(); ++w)
+                fmt::print("  worker {} (domid % {} == {})       mean {:.1f} KiB/s per connection, Jain {:.4f}\n", w,
+                           r.worker_mean.size(), w, r.worker_mean[w] / 1024.0, r.worker_jain[w]);
             fmt::print("  xensockd RSS idle                {:.1f} MiB\n", mib(r.idle.total_kib));
             fmt::print("  xensockd RSS, all connected      {:.1f} MiB = {:.1f} MiB ring pages + {:.1f} MiB rest\n",
                        mib(r.connected.total_kib), mib(r.connected.ring_kib), mib(r.connected.total_kib - r.connected.ring_kib));
             fmt::print("  xensockd RSS, peak rest          {:.1f} MiB beyond {:.1f} MiB ring pages\n",
                        mib(r.peak.total_kib - r.peak.ring_kib), mib(r.peak.ring_kib));
+            {
+                const double idle_rest = mib(r.idle.total_kib - r.idle.ring_kib);
+                const double per_conn_kib =
+                    (mib(r.peak.total_kib - r.peak.ring_kib) - idle_rest) * 1024.0 / r.connections;
+                fmt::print("  per connection (peak rest)       {:.2f} KiB beyond ring pages; at {} connections: {:.1f} MiB\n",
+                           per_conn_kib, asked, idle_rest + per_conn_kib * static_cast<double>(asked) / 1024.0);
+            }
             fmt::print("  xensockd CPU                     {:.3f} s per GiB\n\n", r.cpu_per_gib);
             const double rest = mib(r.peak.total_kib - r.peak.ring_kib);
             summary.lines.push_back(fmt::format("  {:<52} {:>10}  {:<10} {}", "scale: RSS beyond ring pages (MiB)",
@@ -675,7 +750,14 @@ int main(int argc, char** argv) {
             for (const Flow& f : flows)
                 if (cfg.flows.empty() || std::find(cfg.flows.begin(), cfg.flows.end(), f.short_name()) != cfg.flows.end())
                     sweep_flows.push_back(f);
-            // Baselines, if the throughput section did not run.
+            // Baselines, if the throughput or connection-rate sections did not run.
+            const bool sweep_rate = cfg.want("connrate") || !cfg.only.empty();
+            if (sweep_rate && loopback_rate == 0) {
+                std::vector<double> lo;
+                for (unsigned rep = 0; rep < cfg.reps; ++rep)
+                    lo.push_back(run_connrate(cfg, Path::loopback, nullptr, 0).per_sec);
+                loopback_rate = median(lo);
+            }
             for (const Flow& f : sweep_flows) {
                 if (loopback_tp.count(f.name())) continue;
                 std::vector<double> lo;
@@ -687,14 +769,15 @@ int main(int argc, char** argv) {
             std::map<std::string, std::pair<double, std::string>> best;  // by flow
             fmt::print("{:<8} {:<6}", "workers", "order");
             for (const Flow& f : sweep_flows) fmt::print(" {:>15}", (f.to_host ? "g>h " : "h>g ") + std::to_string(f.streams) + (f.guests > 1 ? "x" + std::to_string(f.guests) + "g" : ""));
-            fmt::print(" {:>8}\n", "conn/s");
+            fmt::print(" {:>15}\n", "conn/s");
+            std::pair<double, std::string> best_rate{0, ""};
             for (unsigned w : cfg.sweep_workers) {
                 Daemon d(w, std::max(max_order, kDaemonDefaultMaxOrder), cfg.protocol, max_sockets);
                 for (unsigned o : cfg.sweep_orders) {
                     fmt::print("{:<8} {:<6}", w, o);
                     for (const Flow& f : sweep_flows) {
                         std::vector<double> xs;
-                        for (unsigned rep = 0; rep < cfg.reps; ++rep)
+                        for (unsigned rep = 0; rep < cfg.sweep_reps; ++rep)
                             xs.push_back(run_throughput(cfg, Path::xensock, f, per_stream(f), &d, o).gib_s);
                         const double x = median(xs);
                         const double ratio = x / loopback_tp[f.name()];
@@ -704,15 +787,24 @@ int main(int argc, char** argv) {
                         if (ratio > b.first) b = {ratio, fmt::format("{:.3f} GiB/s = {} at workers {}, order {}", x, fmt_ratio(ratio), w, o)};
                     }
                     std::vector<double> rates;
-                    if (cfg.want("connrate"))
-                        for (unsigned rep = 0; rep < cfg.reps; ++rep)
+                    if (sweep_rate)
+                        for (unsigned rep = 0; rep < cfg.sweep_reps; ++rep)
                             rates.push_back(run_connrate(cfg, Path::xensock, &d, o).per_sec);
-                    fmt::print(" {:>8.0f}\n", median(rates));
+                    const double rate = median(rates);
+                    if (sweep_rate) {
+                        fmt::print(" {:>7.0f} ({:>5})\n", rate, fmt_ratio(rate / loopback_rate));
+                        if (rate / loopback_rate > best_rate.first)
+                            best_rate = {rate / loopback_rate, fmt::format("{:.0f}/s = {} at workers {}, order {}", rate,
+                                                                           fmt_ratio(rate / loopback_rate), w, o)};
+                    } else {
+                        fmt::print(" {:>15}\n", "-");
+                    }
                     std::fflush(stdout);
                 }
             }
             fmt::print("best per flow:\n");
             for (const Flow& f : sweep_flows) fmt::print("  {:<36} {}\n", f.name(), best[f.name()].second);
+            if (!best_rate.second.empty()) fmt::print("  {:<36} {}\n", "connection rate", best_rate.second);
             fmt::print("\n");
         } catch (const std::exception& e) {
             fmt::print(stderr, "bench: sweep: {}\n", e.what());
