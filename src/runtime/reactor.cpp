@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -29,6 +30,20 @@ constexpr int kShutdownWaitMs = 2000;
 // ...and on coroutines that keep submitting new operations after each
 // cancellation instead of unwinding.
 constexpr int kShutdownRounds = 1000;
+
+// XENSOCK_BUSY_POLL_US: the default busy-poll time of every reactor of this
+// process (see Reactor::set_busy_poll). Malformed or negative values are 0.
+std::chrono::nanoseconds default_busy_poll() {
+    static const std::chrono::nanoseconds value = [] {
+        const char* text = std::getenv("XENSOCK_BUSY_POLL_US");
+        if (text == nullptr || *text == '\0') return std::chrono::nanoseconds(0);
+        char* end = nullptr;
+        const long long us = std::strtoll(text, &end, 10);
+        if (*end != '\0' || us <= 0 || us > 1000000) return std::chrono::nanoseconds(0);
+        return std::chrono::nanoseconds(std::chrono::microseconds(us));
+    }();
+    return value;
+}
 
 __kernel_timespec to_timespec(std::chrono::nanoseconds d) {
     if (d.count() < 0) d = std::chrono::nanoseconds(0);
@@ -181,6 +196,7 @@ Reactor::Reactor(unsigned queue_depth) {
         throw_errno(err, "eventfd for the reactor's wake-up");
     }
     cqe_batch_.reserve(256);
+    busy_poll_ = default_busy_poll();
     // Submitted with the first batch. A bare SQE, not a coroutine, so it
     // counts neither as a live task nor as an operation in flight.
     arm_wake();
@@ -316,11 +332,36 @@ void Reactor::wake() noexcept {
     [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
 }
 
+// Submits what is queued and runs the kernel's pending completion work
+// (IORING_SETUP_COOP_TASKRUN defers it until we enter the kernel) in a loop,
+// without sleeping, until a completion is there or busy_poll_ has passed.
+bool Reactor::poll_for_completions() {
+    const auto deadline = std::chrono::steady_clock::now() + busy_poll_;
+    while (!stop_requested_.load(std::memory_order_acquire)) {
+        const int rc = io_uring_submit_and_get_events(&ring_);
+        if (rc > 0) stats_.submitted += static_cast<uint64_t>(rc);
+        // Real failures are reported by the blocking wait that follows.
+        if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) return false;
+        if (io_uring_cq_ready(&ring_) > 0) return true;
+        if (std::chrono::steady_clock::now() >= deadline) return false;
+    }
+    return false;
+}
+
 void Reactor::run() {
     CurrentScope scope(this);
     while (true) {
         run_ready();
         if (stop_requested_.load(std::memory_order_acquire)) break;
+        if (busy_poll_.count() > 0) {
+            if (poll_for_completions()) {
+                ++stats_.busy_polls;
+                reap();
+                if (wake_fired_) on_wake();
+                continue;
+            }
+            if (stop_requested_.load(std::memory_order_acquire)) break;
+        }
         const int rc = io_uring_submit_and_wait(&ring_, 1);
         if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY && rc != -ETIME) {
             // Breaking out would leave every coroutine hanging unnoticed.

@@ -53,6 +53,7 @@ struct ReactorStats {
     uint64_t submitted = 0;   // SQEs handed to the kernel
     uint64_t completed = 0;   // CQEs reaped
     uint64_t wakeups = 0;     // times the thread blocked and woke
+    uint64_t busy_polls = 0;  // times busy polling found a completion (no sleep)
 };
 
 class IoAwaitable {
@@ -219,6 +220,19 @@ public:
     IoAwaitable sleep_for(std::chrono::nanoseconds d, const CancelToken& t = {});
 
     const ReactorStats& stats() const noexcept { return stats_; }
+
+    // Busy polling (off by default): once the ready queue is empty, keep
+    // collecting completions for up to `d` before blocking in the kernel.
+    // A completion that arrives meanwhile is handled without the thread
+    // going to sleep and being woken, which on a virtual machine is most of
+    // a round trip's latency (docs/performance.md); the price is CPU spent
+    // spinning after every burst of work. An idle reactor still sleeps: the
+    // spin starts afresh only after something ran. The default comes from
+    // the environment, XENSOCK_BUSY_POLL_US (microseconds, read once per
+    // process), so that a deployment can turn it on for xensockd without
+    // code changes. Call from the reactor's own thread (or before run()).
+    void set_busy_poll(std::chrono::nanoseconds d) noexcept { busy_poll_ = d; }
+    std::chrono::nanoseconds busy_poll() const noexcept { return busy_poll_; }
     // In-flight io_uring requests of coroutines (the reactor's own wake-up
     // poll is not counted), for leak checks in tests.
     size_t in_flight() const noexcept { return in_flight_; }
@@ -236,6 +250,8 @@ private:
     void on_wake();
     void drain_posted();
     void wake() noexcept;
+    // Busy polling: true if a completion turned up within busy_poll_.
+    bool poll_for_completions();
 
     template <typename T>
     static Task<void> run_until_body(Reactor* self, Task<T> task, detail::RunUntilState<T>* state);
@@ -248,6 +264,7 @@ private:
     size_t live_tasks_ = 0;
     size_t in_flight_ = 0;
     ReactorStats stats_;
+    std::chrono::nanoseconds busy_poll_{0};
 
     int wake_fd_ = -1;
     std::mutex posted_mutex_;
