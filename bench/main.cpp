@@ -52,6 +52,10 @@ struct Config {
     std::vector<unsigned> sweep_workers{1, 2, 4};
     std::vector<unsigned> sweep_orders{4, 6, 8, 9};
     unsigned sweep_reps = 1;
+    // The tuned configuration: what the sweep and the profile say is best.
+    unsigned tuned_busy_poll_us = 50;
+    unsigned tuned_bulk_order = 9;
+    unsigned tuned_conn_order = 1;
     std::vector<std::string> only;  // sections; empty = all
     std::vector<std::string> flows;  // throughput flows by short name; empty = all
     bool only_xensock = false;       // profiling: skip the baselines
@@ -77,13 +81,23 @@ struct Daemon {
     unsigned next_domid = 1;
     const wire::ProtocolProfile* profile;
 
-    Daemon(unsigned w, unsigned max_ring_order, const std::string& protocol, uint32_t max_sockets)
+    // busy_poll_us: XENSOCK_BUSY_POLL_US for xensockd only (the guests,
+    // forked later, do not inherit it).
+    Daemon(unsigned w, unsigned max_ring_order, const std::string& protocol, uint32_t max_sockets,
+           unsigned busy_poll_us = 0)
         : workers(w), max_order(max_ring_order), profile(wire::find_profile(protocol)) {
         testing::SimEnvOptions o;
         o.workers = w;
         o.max_ring_order = max_ring_order;
         o.extra_args = {"--max-sockets-per-guest", std::to_string(max_sockets), "--protocols", protocol};
-        env = std::make_unique<testing::SimEnv>(o);
+        if (busy_poll_us) setenv("XENSOCK_BUSY_POLL_US", std::to_string(busy_poll_us).c_str(), 1);
+        try {
+            env = std::make_unique<testing::SimEnv>(o);
+        } catch (...) {
+            if (busy_poll_us) unsetenv("XENSOCK_BUSY_POLL_US");
+            throw;
+        }
+        if (busy_poll_us) unsetenv("XENSOCK_BUSY_POLL_US");
     }
     pid_t pid() const { return env->daemon_pid(); }
     unsigned attach() {
@@ -229,8 +243,8 @@ TpResult run_throughput(const Config& cfg, Path path, const Flow& flow, uint64_t
                                 : tcp_bulk_recv(sh, target, flow.streams, per_stream);
         }));
     }
-    std::vector<pid_t> all = clients;
-    all.push_back(svc);
+    std::vector<pid_t> all{svc};
+    all.insert(all.end(), clients.begin(), clients.end());
     wait_ready(sh, flow.to_host ? flow.streams : 2 * flow.streams, procs, all, 120s);
 
     const double cpu0 = path == Path::xensock ? cpu_seconds(d->pid()) : 0;
@@ -385,8 +399,8 @@ ScaleResult run_scale(const Config& cfg, Daemon& d) {
         job.streams = cfg.scale_conns;
         guests.push_back(procs.spawn([job] { return run_guest(GuestKind::scale_send, job); }));
     }
-    std::vector<pid_t> all = guests;
-    all.push_back(sink);
+    std::vector<pid_t> all{sink};
+    all.insert(all.end(), guests.begin(), guests.end());
     wait_ready(sh, total, procs, all, 600s, sample);
     r.setup_secs = static_cast<double>(now_ns() - t0) / 1e9;
     r.connected = read_rss(d.pid(), d.env->root());
@@ -516,7 +530,12 @@ int main(int argc, char** argv) {
     app.add_option("--sweep-workers", cfg.sweep_workers, "Worker counts to sweep")->delimiter(',');
     app.add_option("--sweep-orders", cfg.sweep_orders, "Ring orders to sweep")->delimiter(',');
     app.add_option("--sweep-reps", cfg.sweep_reps, "Repetitions of each sweep point")->capture_default_str();
-    app.add_option("--only", sections, "Comma-separated sections: throughput,rtt,connrate,scale,sweep");
+    app.add_option("--only", sections, "Comma-separated sections: throughput,rtt,connrate,scale,tuned,sweep");
+    app.add_option("--tuned-busy-poll-us", cfg.tuned_busy_poll_us, "Tuned: xensockd's XENSOCK_BUSY_POLL_US")
+        ->capture_default_str();
+    app.add_option("--tuned-bulk-order", cfg.tuned_bulk_order, "Tuned: ring order of the bulk flows")->capture_default_str();
+    app.add_option("--tuned-conn-order", cfg.tuned_conn_order, "Tuned: ring order of the connection-rate run")
+        ->capture_default_str();
     app.add_option("--flows", cfg.flows, "Throughput flows: g2h1,g2h8,g2h8x8,h2g1,h2g8,h2g8x8")->delimiter(',');
     app.add_flag("--only-xensock", cfg.only_xensock, "No baselines (for profiling xensockd)");
     app.add_flag("--no-socat", [&](int64_t) { cfg.socat = false; }, "Skip the socat relay");
@@ -741,6 +760,69 @@ int main(int argc, char** argv) {
         ++errors;
     }
 
+    // ------------------------------------------------------------ tuned
+    // The same comparisons with the settings the sweep and the profile point
+    // to: the largest data ring for bulk, the smallest for connection churn
+    // (the frontend chooses per connection), xensockd busy-polling. Fresh
+    // baselines are measured next to each figure.
+    Summary tuned;
+    if (cfg.want("tuned") && errors == 0) {
+        try {
+            fmt::print("== Tuned: xensockd XENSOCK_BUSY_POLL_US={} and --max-ring-order {}; ring order {} for bulk, {} "
+                       "for the connection rate; workers {}\n",
+                       cfg.tuned_busy_poll_us, std::max(cfg.tuned_bulk_order, kDaemonDefaultMaxOrder),
+                       cfg.tuned_bulk_order, cfg.tuned_conn_order, workers);
+            Daemon d(workers, std::max(cfg.tuned_bulk_order, kDaemonDefaultMaxOrder), cfg.protocol, max_sockets,
+                     cfg.tuned_busy_poll_us);
+            fmt::print("{:<36} {:>9} {:>9} {:>8} {:>9} {:>9} {:>14}\n", "", "xensock", "loopback", "xs/lo", "socat",
+                       "xs/socat", "xensockd s/GiB");
+            for (const Flow& f : flows) {
+                if (f.guests != 1) continue;
+                std::vector<double> xs, lo, so, cpu;
+                for (unsigned rep = 0; rep < cfg.reps; ++rep) {
+                    const TpResult r = run_throughput(cfg, Path::xensock, f, per_stream(f), &d, cfg.tuned_bulk_order);
+                    xs.push_back(r.gib_s);
+                    cpu.push_back(r.middle_cpu / (static_cast<double>(r.bytes) / static_cast<double>(kGiB)));
+                    lo.push_back(run_throughput(cfg, Path::loopback, f, per_stream(f), nullptr, 0).gib_s);
+                    if (socat_ok) so.push_back(run_throughput(cfg, Path::socat, f, per_stream(f), nullptr, 0).gib_s);
+                }
+                const double x = median(xs), l = median(lo), so_m = median(so);
+                fmt::print("{:<36} {:>9.3f} {:>9.3f} {:>8} {:>9} {:>9} {:>14.3f}\n", f.name(), x, l, fmt_ratio(x / l),
+                           socat_ok ? fmt::format("{:.3f}", so_m) : "-", socat_ok ? fmt_ratio(x / so_m) : "-",
+                           median(cpu));
+                std::fflush(stdout);
+                tuned.target("throughput " + f.name() + " vs loopback", x / l, ">= 0.80x", x / l >= 0.8);
+                if (socat_ok) tuned.target("throughput " + f.name() + " vs socat", x / so_m, ">= 2.00x", x / so_m >= 2.0);
+            }
+            std::vector<double> x50, x99, l50, l99;
+            for (unsigned rep = 0; rep < cfg.reps; ++rep) {
+                const RttResult x = run_rtt(cfg, Path::xensock, &d);
+                const RttResult l = run_rtt(cfg, Path::loopback, nullptr);
+                x50.push_back(x.p50);
+                x99.push_back(x.p99);
+                l50.push_back(l.p50);
+                l99.push_back(l.p99);
+            }
+            fmt::print("{:<36} {:>9.1f} {:>9.1f} {:>8}\n", "RTT p50 (us)", median(x50), median(l50),
+                       fmt_ratio(median(x50) / median(l50)));
+            fmt::print("{:<36} {:>9.1f} {:>9.1f} {:>8}\n", "RTT p99 (us)", median(x99), median(l99),
+                       fmt_ratio(median(x99) / median(l99)));
+            tuned.target("RTT p50 vs loopback", median(x50) / median(l50), "<= 1.50x", median(x50) / median(l50) <= 1.5);
+            std::vector<double> xr, lr;
+            for (unsigned rep = 0; rep < cfg.reps; ++rep) {
+                xr.push_back(run_connrate(cfg, Path::xensock, &d, cfg.tuned_conn_order).per_sec);
+                lr.push_back(run_connrate(cfg, Path::loopback, nullptr, 0).per_sec);
+            }
+            fmt::print("{:<36} {:>9.0f} {:>9.0f} {:>8}\n\n", "connections/s", median(xr), median(lr),
+                       fmt_ratio(median(xr) / median(lr)));
+            tuned.target("connection rate vs loopback", median(xr) / median(lr), ">= 0.50x", median(xr) / median(lr) >= 0.5);
+            std::fflush(stdout);
+        } catch (const std::exception& e) {
+            fmt::print(stderr, "bench: tuned: {}\n", e.what());
+            ++errors;
+        }
+    }
+
     // ------------------------------------------------------------ sweep
     if (cfg.want("sweep") && errors == 0) {
         try {
@@ -813,9 +895,14 @@ int main(int argc, char** argv) {
     }
 
     if (!summary.lines.empty()) {
-        fmt::print("== Targets (default configuration)\n");
+        fmt::print("== Targets, default configuration\n");
         for (const auto& l : summary.lines) fmt::print("{}\n", l);
         fmt::print("  {} target(s) missed\n", summary.missed);
+    }
+    if (!tuned.lines.empty()) {
+        fmt::print("== Targets, tuned configuration\n");
+        for (const auto& l : tuned.lines) fmt::print("{}\n", l);
+        fmt::print("  {} target(s) missed\n", tuned.missed);
     }
     if (errors) {
         fmt::print(stderr, "bench: FAILED ({} error(s))\n", errors);
