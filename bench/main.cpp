@@ -660,6 +660,7 @@ int main(int argc, char** argv) {
                 for (int k = 0; k < 2; ++k) {
                     const bool xs_first = rep % 2 == 0;
                     const Path p = (k == 0) == xs_first ? Path::xensock : Path::loopback;
+                    if (p == Path::loopback && cfg.only_xensock) continue;
                     const RttResult r = run_rtt(cfg, p, &main_daemon);
                     (p == Path::xensock ? x50 : l50).push_back(r.p50);
                     (p == Path::xensock ? x99 : l99).push_back(r.p99);
@@ -681,6 +682,7 @@ int main(int argc, char** argv) {
             for (unsigned rep = 0; rep < cfg.reps; ++rep) {
                 for (int k = 0; k < 2; ++k) {
                     const Path p = (k == 0) == (rep % 2 == 0) ? Path::xensock : Path::loopback;
+                    if (p == Path::loopback && cfg.only_xensock) continue;
                     const RateResult r = run_connrate(cfg, p, &main_daemon, cfg.ring_order);
                     (p == Path::xensock ? xs : lo).push_back(r.per_sec);
                 }
@@ -696,8 +698,9 @@ int main(int argc, char** argv) {
         if (cfg.want("scale")) {
             // On sim xensockd holds three descriptors per connection (the host
             // socket, the event channel's Unix socket and the O_PATH pin of the
-            // guest's end) and two per guest (its mem and gnttab files). It inherits our limit; without
-            // CAP_SYS_RESOURCE the hard limit cannot be raised, and then the
+            // guest's end) and two per guest (its mem and gnttab files). It
+            // inherits our limit; without CAP_SYS_RESOURCE the hard limit
+            // cannot be raised, and then the
             // run is cut to what fits, and says so.
             rlimit lim{};
             ::getrlimit(RLIMIT_NOFILE, &lim);
