@@ -319,9 +319,12 @@ rt::Task<int> Session::cmd_release(Connection& c, const wire::Request& req) {
         owned->ring.reset();  // unmap and unbind before the reply
     }
     if (!unsent.empty()) {
-        // Deliver the tail, then close. Bounded by the linger time; runs
-        // under the connection so a session teardown still waits for it.
-        c.tasks.enter();
+        // Deliver the tail, then close, like close(2) with data still in the
+        // send buffer. The bytes and the socket now belong to the worker, not
+        // to the session: a guest that exits right after RELEASE (the common
+        // case) must not cut its own last bytes off. Bounded by the linger
+        // time; only the daemon stopping ends it sooner.
+        worker.session_tasks->enter();
         auto deliver = [](rt::Reactor& r, FileDescriptor fd, std::vector<std::byte> bytes, rt::CancelToken token,
                           std::chrono::milliseconds linger, TaskCounter& count) -> rt::Task<void> {
             size_t sent = 0;
@@ -335,10 +338,13 @@ rt::Task<int> Session::cmd_release(Connection& c, const wire::Request& req) {
                 if (n <= 0) break;
                 sent += static_cast<size_t>(n);
             }
+            if (sent < bytes.size())
+                log::info("released socket: {} of {} queued bytes not delivered (linger bound or daemon stopping)",
+                          bytes.size() - sent, bytes.size());
             count.leave();
         };
-        worker.reactor->spawn(deliver(*worker.reactor, std::move(owned->fd), std::move(unsent), c.cancel.token(),
-                                      worker.shared.config.linger, c.tasks));
+        worker.reactor->spawn(deliver(*worker.reactor, std::move(owned->fd), std::move(unsent),
+                                      worker.stopping.token(), worker.shared.config.linger, *worker.session_tasks));
     }
     co_return 0;
 }

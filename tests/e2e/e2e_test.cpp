@@ -471,8 +471,9 @@ TEST_CASE("data: half-close by the peer, and RELEASE still delivers what the gue
         const std::string root = env.root();
         // Host: sends "abc" and half-closes; reads "xyz" then EOF. On a second
         // connection it reads nothing until the guest has released the socket
-        // with its ring still full, then reads to EOF: every byte the guest
-        // queued must arrive, in order.
+        // with its ring still full, exited, and its device is gone (as after
+        // xl destroy), then reads to EOF: every byte the guest queued must
+        // still arrive, in order.
         const pid_t host = env.spawn([lfd, root]() -> int {
             int c = ::accept(lfd, nullptr, nullptr);
             if (c < 0 || !write_all(c, "abc", 3)) return 2;
@@ -488,7 +489,7 @@ TEST_CASE("data: half-close by the peer, and RELEASE still delivers what the gue
             if (::recv(c, buf, 1, 0) != 0) return 5;  // guest released: EOF
             ::close(c);
             c = ::accept(lfd, nullptr, nullptr);
-            if (!eventually([&] { return marked(root, "released"); }, 60s)) return 9;
+            if (!eventually([&] { return marked(root, "guest-gone"); }, 60s)) return 9;
             size_t queued = 0;
             std::ifstream(root + "/test-queued") >> queued;
             std::vector<std::byte> data(1 << 16), want(1 << 16);
@@ -550,6 +551,9 @@ TEST_CASE("data: half-close by the peer, and RELEASE still delivers what the gue
             co_return 0;
         });
         CHECK(SimEnv::wait_child(guest, 120s) == 0);
+        std::string why;
+        CHECK_MESSAGE(toolstack::detach(env.xs(), *profile, 10, 0, 5s, &why).ok(), why);
+        mark(root, "guest-gone");
         CHECK(SimEnv::wait_child(host, 120s) == 0);
         ::close(lfd);
     }
