@@ -470,6 +470,8 @@ TEST_CASE("list, list --sockets and stats show exactly what the guests did") {
         CHECK(c["commands_socket"] == 4);
         CHECK(c["commands_connect"] == 3);
         CHECK(c["command_errors_connect"] == 1);
+        CHECK(c["command_ok_connect"] == 2);
+        CHECK(c["command_ok_socket"] == 4);
         CHECK(c["commands_bind"] == 1);
         CHECK(c["commands_listen"] == 1);
         CHECK(c["command_errors_socket"] == 0);
@@ -515,6 +517,9 @@ TEST_CASE("list, list --sockets and stats show exactly what the guests did") {
         CHECK(p.value("xensock_bytes_to_guest_total", d6) == to6);
         CHECK(p.value("xensock_commands_total", with(d5, "command", "connect")) == 3);
         CHECK(p.value("xensock_command_errors_total", with(d5, "command", "connect")) == 1);
+        CHECK(p.value("xensock_command_results_total", with(with(d5, "command", "connect"), "result", "ok")) == 2);
+        CHECK(p.value("xensock_command_results_total", with(with(d5, "command", "connect"), "result", "error")) ==
+              1);
         CHECK(p.value("xensock_errors_total", with(d5, "errno", "ECONNREFUSED")) == 1);
         CHECK(p.value("xensock_sockets_active", d5) == 2);
         CHECK(p.value("xensock_session_backend_state", d6) == 4);

@@ -17,7 +17,7 @@ namespace {
 // A stats answer as xensockd sends it, with `protocol` as given.
 json stats_answer(const std::string& protocol) {
     json counters = {{"commands_socket", 4},   {"command_errors_socket", 0}, {"commands_connect", 3},
-                     {"command_errors_connect", 1}, {"commands_unknown", 2},     {"notifications_sent", 17},
+                     {"command_errors_connect", 1}, {"command_ok_connect", 2}, {"commands_unknown", 2},     {"notifications_sent", 17},
                      {"notifications_received", 19}, {"ring_full_stalls", 3},    {"ring_empty_waits", 5},
                      {"guest_protocol_errors", 0},  {"quota_refusals", 0},      {"errno_111", 1},
                      {"errno_524", 2},              {"brand_new-counter", 7}};
@@ -109,6 +109,14 @@ TEST_CASE("prometheus: rendered stats parse, with types, help, and escaped hosti
     CHECK(p.value("xensock_commands_total", with("command", "socket")) == 4);
     CHECK(p.value("xensock_commands_total", with("command", "connect")) == 3);
     CHECK(p.value("xensock_command_errors_total", with("command", "connect")) == 1);
+    auto result = [&](std::string v) {
+        auto l = with("command", "connect");
+        l.emplace_back("result", std::move(v));
+        return l;
+    };
+    CHECK(p.value("xensock_command_results_total", result("ok")) == 2);
+    CHECK(p.value("xensock_command_results_total", result("error")) == 1);
+    CHECK(p.types.at("xensock_command_results_total") == "counter");
     CHECK(p.value("xensock_commands_total", with("command", "unknown")) == 2);
     CHECK(p.value("xensock_commands_total", with("command", "poll")) == 0);  // absent counters are 0
     CHECK(p.value("xensock_errors_total", with("errno", "ECONNREFUSED")) == 1);

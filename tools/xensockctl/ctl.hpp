@@ -111,6 +111,7 @@ struct SessionCounters {
     struct Command {
         std::string name;
         uint64_t received = 0, errors = 0;
+        uint64_t ok = 0;  // answered with ret >= 0 (received - ok - errors are in flight)
     };
     std::vector<Command> commands;                        // fixed order, then unknown names
     std::vector<std::pair<int, uint64_t>> errors_by_errno;  // ascending errno

@@ -166,6 +166,8 @@ std::string render_prometheus(const json& answer) {
              "Bytes received on host sockets and placed in the guest's data rings.");
     x.family("xensock_commands_total", "counter", "Commands received from the guest, by command.");
     x.family("xensock_command_errors_total", "counter", "Commands answered with an error, by command.");
+    x.family("xensock_command_results_total", "counter",
+             "Commands answered, by command and result (ok: non-negative return, error: negative errno).");
     x.family("xensock_errors_total", "counter", "Commands answered with an error, by errno.");
     for (const auto& m : kScalarMetrics) x.family(m.metric, "counter", m.help);
 
@@ -192,6 +194,11 @@ std::string render_prometheus(const json& answer) {
         for (const auto& cmd : c.commands) {
             x.add("xensock_commands_total", "counter", "", with("command", cmd.name), number(cmd.received));
             x.add("xensock_command_errors_total", "counter", "", with("command", cmd.name), number(cmd.errors));
+            for (const auto& [result, n] : {std::pair{"ok", cmd.ok}, std::pair{"error", cmd.errors}}) {
+                Labels l = with("command", cmd.name);
+                l.emplace_back("result", result);
+                x.add("xensock_command_results_total", "counter", "", l, number(n));
+            }
         }
         for (const auto& [err, n] : c.errors_by_errno)
             x.add("xensock_errors_total", "counter", "", with("errno", errno_name(err)), number(n));

@@ -130,8 +130,9 @@ SessionCounters parse_counters(const json& counters) {
             const std::string_view key = name;
             int err = 0;
             if (key.starts_with("command_errors_")) {
-                auto& c = commands[std::string(key.substr(15))];
-                c.errors = n;
+                commands[std::string(key.substr(15))].errors = n;
+            } else if (key.starts_with("command_ok_")) {
+                commands[std::string(key.substr(11))].ok = n;
             } else if (key.starts_with("commands_")) {
                 commands[std::string(key.substr(9))].received = n;
             } else if (key.starts_with("errno_") && parse_int(key.substr(6), err)) {
@@ -143,15 +144,16 @@ SessionCounters parse_counters(const json& counters) {
     }
     for (const char* name : kCommandOrder) {
         auto it = commands.find(name);
-        SessionCounters::Command c{name, 0, 0};
+        SessionCounters::Command c{name, 0, 0, 0};
         if (it != commands.end()) {
             c.received = it->second.received;
             c.errors = it->second.errors;
+            c.ok = it->second.ok;
             commands.erase(it);
         }
         out.commands.push_back(c);
     }
-    for (auto& [name, c] : commands) out.commands.push_back({name, c.received, c.errors});
+    for (auto& [name, c] : commands) out.commands.push_back({name, c.received, c.errors, c.ok});
     for (const auto& [name, _] : kScalars) {
         auto it = scalars.find(name);
         out.scalars.emplace_back(name, it == scalars.end() ? 0 : it->second);
@@ -219,8 +221,9 @@ std::string render_sockets(const json& answer) {
 namespace {
 void render_counter_block(std::string& out, const json& block, const std::string& indent) {
     const auto c = parse_counters(block.contains("counters") ? block["counters"] : json::object());
-    Table commands({{"COMMAND"}, {"RECEIVED", true}, {"ERRORS", true}});
-    for (const auto& cmd : c.commands) commands.add({cmd.name, std::to_string(cmd.received), std::to_string(cmd.errors)});
+    Table commands({{"COMMAND"}, {"RECEIVED", true}, {"OK", true}, {"ERRORS", true}});
+    for (const auto& cmd : c.commands)
+        commands.add({cmd.name, std::to_string(cmd.received), std::to_string(cmd.ok), std::to_string(cmd.errors)});
     out += commands.render(indent);
 
     Table scalars({{""}, {"", true}}, false);
