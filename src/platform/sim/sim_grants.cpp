@@ -284,13 +284,21 @@ Result<GrantMapping> SimGrantMapper::map(DomId granter, std::span<const GrantRef
     const DomainFiles& f = *files.value();
 
     // Validate every entry before mapping anything; each is read exactly once.
+    // Runs of consecutive refs are read with one pread.
+    unsigned char entries[kMaxMapPages * kGrantEntrySize];
+    for (size_t i = 0; i < refs.size();) {
+        if (refs[i] >= kGrantEntries) return Errno{EINVAL};
+        size_t run = 1;
+        while (i + run < refs.size() && refs[i + run] == refs[i] + run && refs[i + run] < kGrantEntries) ++run;
+        const size_t want = run * kGrantEntrySize;
+        const ssize_t n = ::pread(f.gnttab.get(), entries + i * kGrantEntrySize, want,
+                                  static_cast<off_t>(refs[i]) * kGrantEntrySize);
+        if (n != static_cast<ssize_t>(want)) return Errno{EINVAL};  // the granter shrank its table
+        i += run;
+    }
     off_t offsets[kMaxMapPages];
     for (size_t i = 0; i < refs.size(); ++i) {
-        const GrantRef ref = refs[i];
-        if (ref >= kGrantEntries) return Errno{EINVAL};
-        unsigned char raw[kGrantEntrySize];
-        const ssize_t n = ::pread(f.gnttab.get(), raw, sizeof raw, static_cast<off_t>(ref) * kGrantEntrySize);
-        if (n != static_cast<ssize_t>(sizeof raw)) return Errno{EINVAL};  // the granter shrank its table
+        const unsigned char* raw = entries + i * kGrantEntrySize;
         uint16_t flags = 0, domid = 0;
         uint32_t frame = 0;
         std::memcpy(&flags, raw + 0, sizeof flags);
@@ -315,14 +323,19 @@ Result<GrantMapping> SimGrantMapper::map(DomId granter, std::span<const GrantRef
     Reservation range(bytes);
     if (range.get() == nullptr) return last_errno();
     const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
-    for (size_t i = 0; i < refs.size(); ++i) {
+    // One mmap per run of consecutive frames (a ring's pages usually are),
+    // as gntdev maps all refs of one request at once.
+    for (size_t i = 0; i < refs.size();) {
+        size_t run = 1;
+        while (i + run < refs.size() && offsets[i + run] == offsets[i] + static_cast<off_t>(run * kPageSize)) ++run;
         void* want = range.get() + i * kPageSize;
-        if (::mmap(want, kPageSize, prot, MAP_SHARED | MAP_FIXED, f.mem.get(), offsets[i]) == MAP_FAILED) {
+        if (::mmap(want, run * kPageSize, prot, MAP_SHARED | MAP_FIXED, f.mem.get(), offsets[i]) == MAP_FAILED) {
             const int err = errno;
-            log::debug("sim grants: mmap of domain {} frame {} failed: {}", granter, offsets[i] / kPageSize,
+            log::debug("sim grants: mmap of domain {} frames {}+{} failed: {}", granter, offsets[i] / kPageSize, run,
                        errno_text(err));
             return Errno{err == EACCES ? EPERM : err};  // the Reservation unmaps everything
         }
+        i += run;
     }
     guard_slots_.emplace(range.get(), guard_add(range.get(), bytes, writable));
     granter_of_.emplace(range.get(), granter);
@@ -473,10 +486,13 @@ Result<SharedPages> SimGrantSharer::share(DomId to, size_t pages, bool writable)
 
     Reservation range(pages * kPageSize);
     bool mapped = range.get() != nullptr;
-    for (size_t i = 0; mapped && i < pages; ++i) {
+    for (size_t i = 0; mapped && i < pages;) {
+        size_t run = 1;
+        while (i + run < pages && frames[i + run] == frames[i] + run) ++run;
         const auto offset = static_cast<off_t>(frames[i]) * static_cast<off_t>(kPageSize);
-        mapped = ::mmap(range.get() + i * kPageSize, kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+        mapped = ::mmap(range.get() + i * kPageSize, run * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                         s.mem.get(), offset) != MAP_FAILED;
+        i += run;
     }
     if (!mapped) {  // the Reservation unmaps whatever was mapped
         for (const uint32_t f : frames) s.free_frames.push_back(f);
