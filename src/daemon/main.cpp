@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
@@ -26,6 +27,20 @@ namespace {
 constexpr int kExitFailure = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitNoPlatform = 3;
+
+// Every guest socket is a descriptor of ours (on sim two more: the event
+// channel's socket and its pin), so take all the descriptors we are allowed:
+// the soft limit up to the hard one, as servers do.
+void raise_descriptor_limit() {
+    rlimit lim{};
+    if (::getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur >= lim.rlim_max) return;
+    const rlim_t before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &lim) == 0)
+        log::debug("descriptor limit raised from {} to {}", before, lim.rlim_cur);
+    else
+        log::warn("cannot raise the descriptor limit from {} to {}: {}", before, lim.rlim_max, std::strerror(errno));
+}
 
 std::vector<std::string> split_list(const std::string& text) {
     std::vector<std::string> out;
@@ -110,6 +125,7 @@ int main(int argc, char** argv) {
     sigaddset(&signals, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &signals, nullptr);
     signal(SIGPIPE, SIG_IGN);
+    raise_descriptor_limit();
 
     std::unique_ptr<platform::Platform> platform;
     try {
