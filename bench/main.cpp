@@ -501,7 +501,15 @@ void print_machine() {
 struct Summary {
     std::vector<std::string> lines;
     int missed = 0;
+    int unmeasured = 0;
     void target(const std::string& what, double value, const std::string& goal, bool met) {
+        // No baseline (--only-xensock) or no sample: a ratio that cannot be
+        // judged is neither met nor missed.
+        if (!std::isfinite(value) || value <= 0) {
+            lines.push_back(fmt::format("  {:<52} {:>10}  {:<10} {}", what, "-", goal, "not measured"));
+            ++unmeasured;
+            return;
+        }
         lines.push_back(fmt::format("  {:<52} {:>10}  {:<10} {}", what, fmt_ratio(value), goal, verdict(met)));
         if (!met) ++missed;
     }
@@ -900,12 +908,12 @@ int main(int argc, char** argv) {
     if (!summary.lines.empty()) {
         fmt::print("== Targets, default configuration\n");
         for (const auto& l : summary.lines) fmt::print("{}\n", l);
-        fmt::print("  {} target(s) missed\n", summary.missed);
+        fmt::print("  {} target(s) missed, {} not measured\n", summary.missed, summary.unmeasured);
     }
     if (!tuned.lines.empty()) {
         fmt::print("== Targets, tuned configuration\n");
         for (const auto& l : tuned.lines) fmt::print("{}\n", l);
-        fmt::print("  {} target(s) missed\n", tuned.missed);
+        fmt::print("  {} target(s) missed, {} not measured\n", tuned.missed, tuned.unmeasured);
     }
     if (errors) {
         fmt::print(stderr, "bench: FAILED ({} error(s))\n", errors);
