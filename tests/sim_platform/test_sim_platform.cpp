@@ -272,6 +272,42 @@ bool send_ev(const std::string& path, uint32_t magic, uint32_t op, uint32_t dom,
 constexpr uint32_t kMagic = 0x58534556;
 constexpr uint32_t kBind = 1, kNotify = 2, kClose = 3;
 
+// A datagram socket bound at `path`, as a process that can create files there
+// could make one. Closed (and its file removed) when destroyed.
+class BoundSocket {
+public:
+    explicit BoundSocket(std::string path) : path_(std::move(path)) {
+        fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (fd_ < 0) throw std::runtime_error("socket");
+        sockaddr_un a{};
+        a.sun_family = AF_UNIX;
+        std::strncpy(a.sun_path, path_.c_str(), sizeof a.sun_path - 1);
+        if (::bind(fd_, reinterpret_cast<const sockaddr*>(&a), sizeof a) != 0) {
+            ::close(fd_);
+            throw std::runtime_error("bind " + path_ + ": " + std::strerror(errno));
+        }
+    }
+    BoundSocket(const BoundSocket&) = delete;
+    BoundSocket& operator=(const BoundSocket&) = delete;
+    ~BoundSocket() {
+        ::close(fd_);
+        ::unlink(path_.c_str());
+    }
+    // Sends a well-formed XSEV datagram to the socket at `to`.
+    bool send_ev(const std::string& to, uint32_t op, uint32_t dom, uint32_t port) const {
+        const uint32_t d[4] = {kMagic, op, dom, port};
+        sockaddr_un a{};
+        a.sun_family = AF_UNIX;
+        std::strncpy(a.sun_path, to.c_str(), sizeof a.sun_path - 1);
+        return ::sendto(fd_, d, sizeof d, MSG_DONTWAIT, reinterpret_cast<const sockaddr*>(&a), sizeof a) ==
+               static_cast<ssize_t>(sizeof d);
+    }
+
+private:
+    std::string path_;
+    int fd_ = -1;
+};
+
 }  // namespace
 
 // =================================================================== setup
@@ -1240,5 +1276,72 @@ TEST_CASE("garbage datagrams are ignored and do not break the port") {
     guest.chan().send({0});
     guest.chan().recv();
     guest.chan().send({0});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("a datagram counts only when sent from the socket of the end it names") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    Process guest([dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto ch = plat->open_event_channel();
+        auto port = ch->bind_unbound(0);
+        auto decoy = ch->bind_unbound(0);
+        G_REQUIRE(port.ok());
+        G_REQUIRE(decoy.ok());
+        c.send({port->port(), decoy->port()});
+        c.recv();                             // both bound; forged datagrams sent to `port`
+        G_REQUIRE(pending_of(*ch).empty());   // takes both BINDs, ignores the forgeries
+        G_REQUIRE(port->notify().ok());       // must reach the real backend port
+        c.send({1});
+        c.recv();  // the backend forged at its own end, then notified for real
+        G_REQUIRE(wait_pending(*ch) == std::vector<Port>{port->port()});
+        c.send({2});
+        c.recv();
+    });
+    const auto ports = guest.chan().recv();
+    const Port p = ports.at(0), p2 = ports.at(1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    auto bound = ch->bind_interdomain(kGuest, p);
+    auto other = ch->bind_interdomain(kGuest, p2);  // a real dom0 socket to redirect the guest to
+    REQUIRE(bound.ok());
+    REQUIRE(other.ok());
+    const Port q = bound->port(), q2 = other->port();
+
+    // At the guest's port: BINDs that would move its peer to our other port,
+    // from an unnamed socket and from sockets bound elsewhere, and a CLOSE.
+    const std::string gp = root.port(kGuest, p);
+    CHECK(send_ev(gp, kMagic, kBind, 0, q2));
+    CHECK(send_ev(gp, kMagic, kClose, 0, q));
+    {
+        BoundSocket elsewhere(root.dir + "/elsewhere");
+        BoundSocket wrong_port(root.port(0, 4000));  // dom0's directory, but not port q2
+        CHECK(elsewhere.send_ev(gp, kBind, 0, q2));
+        CHECK(wrong_port.send_ev(gp, kBind, 0, q2));
+        CHECK(wrong_port.send_ev(gp, kClose, 0, q));
+    }
+    guest.chan().send({1});
+    guest.chan().recv();
+    CHECK(wait_pending(*ch) == std::vector<Port>{q});  // its peer is still q
+
+    // At our port: NOTIFY and CLOSE claiming to be the guest's port p.
+    const std::string bp = root.port(0, q);
+    CHECK(send_ev(bp, kMagic, kNotify, kGuest, p));
+    CHECK(send_ev(bp, kMagic, kClose, kGuest, p));
+    {
+        BoundSocket elsewhere(root.dom(kGuest) + "/not-a-port");
+        BoundSocket wrong_port(root.port(kGuest, 4000));
+        CHECK(elsewhere.send_ev(bp, kNotify, kGuest, p));
+        CHECK(elsewhere.send_ev(bp, kClose, kGuest, p));
+        CHECK(wrong_port.send_ev(bp, kNotify, kGuest, p));
+        CHECK(wrong_port.send_ev(bp, kClose, kGuest, p));
+    }
+    REQUIRE(readable(ch->fd(), kWaitMs));
+    CHECK(pending_of(*ch).empty());     // no event from any of them
+    CHECK(bound->notify().ok());        // and the peer is not marked gone
+    guest.chan().send({2});
+    guest.chan().recv();
+    guest.chan().send({3});
     CHECK(guest.wait() == 0);
 }

@@ -7,6 +7,11 @@
 // any content, from anyone who can reach the socket. Each is checked (size,
 // magic, op, and that it comes from the port's peer, or for a BIND from the
 // domain the port was offered to); anything else is ignored and counted.
+// Who sent a datagram is its sender's socket address, not what its payload
+// claims: as on Xen, where only the bound remote end can signal a port, a
+// datagram counts only if it was sent from the socket of the (dom, port) it
+// names, DIR/dom<dom>/evtchn/<port>. So every datagram we send leaves from
+// the sending port's own bound socket.
 //
 // Not thread safe: one handle per thread, as xensockd uses them. Every
 // BoundPort must be destroyed before its handle.
@@ -21,6 +26,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <chrono>
@@ -146,15 +152,26 @@ int write_offer(const std::string& path, DomId remote) noexcept {
 struct Peer {
     DomId dom = 0;
     Port port = 0;
-    UniqueFd node;  // O_PATH
+    std::string path;  // port_path(): the address its datagrams come from
+    UniqueFd node;     // O_PATH
     SocketAddress address;
 };
 
 std::optional<Peer> resolve_peer(const std::string& root, DomId dom, Port port) {
-    Peer peer{dom, port, open_evtchn_entry(root, dom, std::to_string(port), O_PATH, S_IFSOCK), {}};
+    Peer peer{dom, port, port_path(root, dom, port),
+              open_evtchn_entry(root, dom, std::to_string(port), O_PATH, S_IFSOCK), {}};
     if (!peer.node) return std::nullopt;
     peer.address = socket_address("/proc/self/fd/" + std::to_string(peer.node.get()));
     return peer;
+}
+
+// The path a received datagram's sender is bound to; empty for an unnamed
+// (never bound) or abstract socket.
+std::string_view sender_path(const sockaddr_un& from, socklen_t len) noexcept {
+    constexpr size_t kPathOffset = offsetof(sockaddr_un, sun_path);
+    if (len <= kPathOffset || from.sun_family != AF_UNIX || from.sun_path[0] == '\0') return {};
+    const size_t max = std::min<size_t>(len - kPathOffset, sizeof from.sun_path);
+    return std::string_view(from.sun_path, ::strnlen(from.sun_path, max));
 }
 
 // One bound local port. Its destructor undoes the binding: out of the epoll
@@ -175,8 +192,9 @@ struct PortState {
         ctx.ports.release(port);
     }
 
-    bool from_peer(const EvDatagram& d) const noexcept {
-        return peer && !peer_gone && d.dom == peer->dom && d.port == peer->port;
+    // Names the peer, and was sent from the peer's own socket.
+    bool from_peer(const EvDatagram& d, std::string_view sender) const noexcept {
+        return peer && !peer_gone && d.dom == peer->dom && d.port == peer->port && sender == peer->path;
     }
 
     Context& ctx;
@@ -211,7 +229,7 @@ private:
     Result<std::unique_ptr<PortState>> open_port();
     Status send_control(PortState& ps, EvOp op) noexcept;
     void drain(PortState& ps);
-    void handle(PortState& ps, const EvDatagram& d);
+    void handle(PortState& ps, const EvDatagram& d, std::string_view sender);
     void fire(PortState& ps);
     void wake() noexcept;
     void bad_datagram(PortState& ps, const char* why) noexcept;
@@ -447,8 +465,11 @@ Status SimEventChannel::send_control(PortState& ps, EvOp op) noexcept {
 void SimEventChannel::drain(PortState& ps) {
     for (size_t i = 0; i < kMaxDrainPerPort; ++i) {
         EvDatagram raw{};
+        sockaddr_un from{};
+        socklen_t from_len = sizeof from;
         // MSG_TRUNC: the real length, so an oversized datagram is caught.
-        const ssize_t n = ::recv(ps.sock.get(), &raw, sizeof raw, MSG_DONTWAIT | MSG_TRUNC);
+        const ssize_t n = ::recvfrom(ps.sock.get(), &raw, sizeof raw, MSG_DONTWAIT | MSG_TRUNC,
+                                     reinterpret_cast<sockaddr*>(&from), &from_len);
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -460,22 +481,25 @@ void SimEventChannel::drain(PortState& ps) {
             bad_datagram(ps, "wrong size");
             continue;
         }
-        handle(ps, decode(raw));
+        handle(ps, decode(raw), sender_path(from, from_len));
     }
 }
 
-void SimEventChannel::handle(PortState& ps, const EvDatagram& d) {
+void SimEventChannel::handle(PortState& ps, const EvDatagram& d, std::string_view sender) {
     if (d.magic != kEvMagic) return bad_datagram(ps, "bad magic");
     switch (static_cast<EvOp>(d.op)) {
     case EvOp::notify:
-        if (!ps.from_peer(d)) return bad_datagram(ps, "NOTIFY not from the peer");
+        if (!ps.from_peer(d, sender)) return bad_datagram(ps, "NOTIFY not from the peer's socket");
         return fire(ps);
     case EvOp::bind:
         // Only on a port we offered, only from the domain it was offered
-        // to; a later BIND replaces the peer (a restarted backend). Not an
-        // event: on Xen, binding raises none.
+        // to, sent from the socket it names; a later BIND replaces the peer
+        // (a restarted backend). Not an event: on Xen, binding raises none.
         if (!ps.offered_to || d.dom != *ps.offered_to || d.port == 0 || d.port > kMaxPort) {
             return bad_datagram(ps, "BIND not from the domain the port is offered to");
+        }
+        if (sender.empty() || sender != port_path(ctx_->root, d.dom, d.port)) {
+            return bad_datagram(ps, "BIND not sent from the socket it names");
         }
         if (std::optional<Peer> peer = resolve_peer(ctx_->root, d.dom, d.port)) {
             ps.peer = std::move(peer);
@@ -484,7 +508,7 @@ void SimEventChannel::handle(PortState& ps, const EvDatagram& d) {
         }
         return bad_datagram(ps, "BIND from a port without a usable socket");
     case EvOp::close:
-        if (!ps.from_peer(d)) return bad_datagram(ps, "CLOSE not from the peer");
+        if (!ps.from_peer(d, sender)) return bad_datagram(ps, "CLOSE not from the peer's socket");
         ps.peer_gone = true;
         return fire(ps);  // the owner wants to notice its peer went away
     }
