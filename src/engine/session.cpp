@@ -146,7 +146,7 @@ rt::Task<void> Session::reconcile(bool& ended) {
             }
             if (!conn) {
                 std::string why;
-                auto st = connect(why);
+                auto st = co_await connect(why);
                 if (st) {
                     write_state(Connected);
                     log::info("dom{} {}: connected", key.domid, key.protocol);
@@ -170,22 +170,22 @@ rt::Task<void> Session::reconcile(bool& ended) {
     }
 }
 
-Status Session::connect(std::string& why) {
+rt::Task<Status> Session::connect(std::string& why) {
     auto& xs = *worker.xs;
     auto reader = [&](std::string_view node) { return xs.read(frontend_path + "/" + std::string(node)); };
     auto params = profile.read_frontend(reader, why);
-    if (!params) return Errno{params.error()};
+    if (!params) co_return Errno{params.error()};
 
     const platform::GrantRef refs[] = {params->ring_ref};
     auto page = worker.mapper->map(key.domid, refs, /*writable=*/true);
     if (!page) {
         why = fmt::format("cannot map command ring (ring-ref {}): {}", params->ring_ref, errno_text(page.error()));
-        return Errno{page.error()};
+        co_return Errno{page.error()};
     }
-    auto port = worker.evtchn->bind_interdomain(key.domid, params->port);
+    auto port = co_await worker.evtchn->bind_interdomain(*worker.reactor, key.domid, params->port, life.token());
     if (!port) {
         why = fmt::format("cannot bind event channel (port {}): {}", params->port, errno_text(port.error()));
-        return Errno{port.error()};
+        co_return Errno{port.error()};
     }
     auto c = std::make_unique<Connection>(*this, *worker.reactor, life.token());
     c->ring_page = std::move(page.value());
@@ -195,7 +195,7 @@ Status Session::connect(std::string& why) {
     conn = std::move(c);
     conn->tasks.enter();
     worker.reactor->spawn(serve_commands(*conn));
-    return {};
+    co_return Status::success();
 }
 
 rt::Task<void> Session::disconnect() {

@@ -11,6 +11,7 @@
 #include <doctest/doctest.h>
 
 #include "xensock/platform/platform.hpp"
+#include "xensock/runtime/reactor.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -34,6 +35,7 @@
 #include <functional>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -45,6 +47,9 @@ namespace fs = std::filesystem;
 using xp::DomId;
 using xp::GrantRef;
 using xp::Port;
+namespace rt = xensock::rt;
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
 
 constexpr DomId kGuest = 5;
 constexpr int kWaitMs = 5000;  // generous bound for anything that should be immediate
@@ -101,6 +106,8 @@ public:
         words.resize(static_cast<size_t>(n) / sizeof(uint32_t));
         return words;
     }
+
+    int fd() const { return fd_; }
 
 private:
     int fd_;
@@ -200,6 +207,12 @@ std::vector<Port> pending_of(xp::EventChannel& ch) {
 std::vector<Port> wait_pending(xp::EventChannel& ch) {
     if (!readable(ch.fd(), kWaitMs)) return {};
     return pending_of(ch);
+}
+
+// bind_interdomain() on a reactor of its own, to completion.
+xensock::Result<xp::BoundPort> bind_now(xp::EventChannel& ch, DomId remote, Port remote_port) {
+    xensock::rt::Reactor reactor;
+    return reactor.run_until(ch.bind_interdomain(reactor, remote, remote_port));
 }
 
 xensock::Result<xp::GrantMapping> map1(xp::GrantMapper& m, DomId d, GrantRef ref, bool writable) {
@@ -902,7 +915,7 @@ TEST_CASE("notify both ways, including a guest that notifies before draining the
 
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, guest_port);
+    auto bound = bind_now(*ch, kGuest, guest_port);
     REQUIRE(bound.ok());
     CHECK(ch->bound_ports() == 1);
     CHECK(fs::exists(root.port(0, bound->port())));
@@ -942,7 +955,7 @@ TEST_CASE("notifies coalesce into one event, and never fail") {
     const Port guest_port = guest.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, guest_port);
+    auto bound = bind_now(*ch, kGuest, guest_port);
     REQUIRE(bound.ok());
     guest.chan().send({1});
     guest.chan().recv();
@@ -980,7 +993,7 @@ TEST_CASE("a notify before the backend binds is dropped, not delivered later") {
     const Port guest_port = guest.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, guest_port);
+    auto bound = bind_now(*ch, kGuest, guest_port);
     REQUIRE(bound.ok());
     guest.chan().send({1});
     guest.chan().recv();
@@ -1023,7 +1036,7 @@ TEST_CASE("CLOSE: the guest notices the backend unbinding; later notifies are dr
     const Port guest_port = guest.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, guest_port);
+    auto bound = bind_now(*ch, kGuest, guest_port);
     REQUIRE(bound.ok());
     const Port q = bound->port();
     REQUIRE(bound->notify().ok());
@@ -1038,7 +1051,7 @@ TEST_CASE("CLOSE: the guest notices the backend unbinding; later notifies are dr
     CHECK(pending_of(*ch).empty());
 
     auto ch2 = backend->open_event_channel();  // "restarted"
-    auto again = ch2->bind_interdomain(kGuest, guest_port);
+    auto again = bind_now(*ch2, kGuest, guest_port);
     REQUIRE(again.ok());
     guest.chan().send({2});
     guest.chan().recv();
@@ -1067,7 +1080,7 @@ TEST_CASE("a backend killed without CLOSE: the guest's notify still succeeds and
     Process backend([dir, p](Chan& c) {
         auto be = xp::open_sim_platform(dir, 0);
         auto bch = be->open_event_channel();
-        auto bound = bch->bind_interdomain(kGuest, p);
+        auto bound = bind_now(*bch, kGuest, p);
         G_REQUIRE(bound.ok());
         c.send({bound->port()});
         c.recv();  // never comes: killed
@@ -1085,7 +1098,7 @@ TEST_CASE("a backend killed without CLOSE: the guest's notify still succeeds and
     Process backend2([dir, p](Chan& c) {
         auto be = xp::open_sim_platform(dir, 0);
         auto bch = be->open_event_channel();
-        auto bound = bch->bind_interdomain(kGuest, p);
+        auto bound = bind_now(*bch, kGuest, p);
         G_REQUIRE(bound.ok());
         c.send({bound->port()});
         G_REQUIRE(wait_pending(*bch) == std::vector<Port>{bound->port()});
@@ -1136,14 +1149,14 @@ TEST_CASE("bind_interdomain is refused unless .remote names us") {
     auto ch = backend->open_event_channel();
     for (size_t i = 0; i < 6; ++i) {
         CAPTURE(i);
-        CHECK(ch->bind_interdomain(kGuest, ports[i]).error() == EINVAL);
+        CHECK(bind_now(*ch, kGuest, ports[i]).error() == EINVAL);
     }
-    CHECK(ch->bind_interdomain(kGuest, 999).error() == EINVAL);  // no such port
-    CHECK(ch->bind_interdomain(kGuest, 0).error() == EINVAL);
-    CHECK(ch->bind_interdomain(40000, 1).error() == EINVAL);
-    CHECK(ch->bind_interdomain(6, 1).error() == EINVAL);  // no such domain
+    CHECK(bind_now(*ch, kGuest, 999).error() == EINVAL);  // no such port
+    CHECK(bind_now(*ch, kGuest, 0).error() == EINVAL);
+    CHECK(bind_now(*ch, 40000, 1).error() == EINVAL);
+    CHECK(bind_now(*ch, 6, 1).error() == EINVAL);  // no such domain
     CHECK(ch->bound_ports() == 0);
-    CHECK(ch->bind_interdomain(kGuest, ports[6]).ok());
+    CHECK(bind_now(*ch, kGuest, ports[6]).ok());
     guest.chan().send({1});
     CHECK(guest.wait() == 0);
 }
@@ -1184,15 +1197,15 @@ TEST_CASE("a guest cannot steer a BIND to another guest's port through links") {
     const Port p = guests.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    CHECK(bind_now(*ch, kGuest, p).error() == EINVAL);
     guests.chan().send({0});
     guests.chan().recv();
-    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    CHECK(bind_now(*ch, kGuest, p).error() == EINVAL);
     guests.chan().send({0});
     guests.chan().recv();
-    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    CHECK(bind_now(*ch, kGuest, p).error() == EINVAL);
     CHECK(ch->bound_ports() == 0);
-    auto legit = ch->bind_interdomain(6, p);
+    auto legit = bind_now(*ch, 6, p);
     REQUIRE(legit.ok());
     guests.chan().send({0});
     guests.chan().recv();
@@ -1249,7 +1262,7 @@ TEST_CASE("garbage datagrams are ignored and do not break the port") {
     const Port p = guest.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, p);
+    auto bound = bind_now(*ch, kGuest, p);
     REQUIRE(bound.ok());
     const Port q = bound->port();
     guest.chan().send({q});
@@ -1303,8 +1316,8 @@ TEST_CASE("a datagram counts only when sent from the socket of the end it names"
     const Port p = ports.at(0), p2 = ports.at(1);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, p);
-    auto other = ch->bind_interdomain(kGuest, p2);  // a real dom0 socket to redirect the guest to
+    auto bound = bind_now(*ch, kGuest, p);
+    auto other = bind_now(*ch, kGuest, p2);  // a real dom0 socket to redirect the guest to
     REQUIRE(bound.ok());
     REQUIRE(other.ok());
     const Port q = bound->port(), q2 = other->port();
@@ -1343,5 +1356,235 @@ TEST_CASE("a datagram counts only when sent from the socket of the end it names"
     guest.chan().send({2});
     guest.chan().recv();
     guest.chan().send({3});
+    CHECK(guest.wait() == 0);
+}
+
+// ============================================== BIND and CLOSE on a full queue
+
+namespace {
+
+// Fills the receive queue of the socket at `path` with junk until it takes
+// no more (net.unix.max_dgram_qlen datagrams), as a guest can do to itself.
+size_t fill_queue(const std::string& path) {
+    size_t n = 0;
+    while (n < 100000 && send_raw(path, "x", 1)) ++n;
+    return n;
+}
+
+struct BindOutcome {
+    std::optional<xensock::Result<xp::BoundPort>> result;
+    Clock::time_point finished;
+};
+
+rt::Task<void> bind_into(rt::Reactor& r, xp::EventChannel& ch, Port remote_port, rt::CancelToken cancel,
+                         BindOutcome& out) {
+    auto result = co_await ch.bind_interdomain(r, kGuest, remote_port, cancel);
+    out.result.emplace(std::move(result));
+    out.finished = Clock::now();
+}
+
+// Waits on the reactor (bounded) until `port` of `ch` fires.
+rt::Task<bool> port_fires(rt::Reactor& r, xp::EventChannel& ch, Port port) {
+    const auto give_up = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    std::vector<Port> fired;
+    while (Clock::now() < give_up) {
+        auto op = r.poll(ch.fd(), POLLIN);
+        op.timeout(100ms);
+        (void)co_await op;
+        fired.clear();
+        ch.pending(fired);
+        if (std::find(fired.begin(), fired.end(), port) != fired.end()) co_return true;
+    }
+    co_return false;
+}
+
+rt::Task<void> wait_for(rt::Reactor& r, const BindOutcome& outcome) {
+    const auto give_up = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    while (!outcome.result && Clock::now() < give_up) {
+        auto nap = r.sleep_for(5ms);
+        co_await nap;
+    }
+}
+
+// The backend's side: binds the guest's port p1, whose queue is full, and
+// while that bind waits has the guest notify port p2, bound on the same
+// channel, three times. `pings` counts the notifications that arrived while
+// the bind was still waiting: all three unless the bind held up the thread.
+// With `drain_after`, the guest drains p1 that long after the bind started.
+rt::Task<void> bind_while_pinged(rt::Reactor& r, xp::EventChannel& ch, Chan& guest, Port p1, Port q2,
+                                 std::optional<std::chrono::milliseconds> drain_after, BindOutcome& outcome,
+                                 int& pings) {
+    const auto started = Clock::now();
+    r.spawn(bind_into(r, ch, p1, {}, outcome));
+    for (int i = 0; i < 3; ++i) {
+        guest.send({1});
+        const bool fired = co_await port_fires(r, ch, q2);
+        if (fired && !outcome.result) ++pings;
+    }
+    if (drain_after && !outcome.result) {
+        auto nap = r.sleep_for(started + *drain_after - Clock::now());
+        co_await nap;
+        guest.send({2});
+    }
+    co_await wait_for(r, outcome);
+}
+
+// A guest with two ports offered to the backend, driven by orders: 1 notify
+// p2, 2 drain (pending()), 3 notify p1 and answer, 0 exit.
+std::function<void(Chan&)> two_port_guest(const std::string& dir) {
+    return [dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto ch = plat->open_event_channel();
+        auto p1 = ch->bind_unbound(0);
+        auto p2 = ch->bind_unbound(0);
+        G_REQUIRE(p1.ok());
+        G_REQUIRE(p2.ok());
+        c.send({p1->port(), p2->port()});
+        for (;;) {
+            const auto order = c.recv().at(0);
+            if (order == 0) return;
+            if (order == 1) G_REQUIRE(p2->notify().ok());
+            if (order == 2) (void)pending_of(*ch);  // takes p1's junk: room for the BIND
+            if (order == 3) {
+                G_REQUIRE(p1->notify().ok());  // learns the peer from the BIND, notifies it
+                c.send({3});
+            }
+        }
+    };
+}
+
+size_t entries_in(const std::string& dir) {
+    size_t n = 0;
+    for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir)) ++n;
+    return n;
+}
+
+}  // namespace
+
+TEST_CASE("a BIND to a full queue waits on the reactor, not the thread, and goes through once the guest drains") {
+    TempRoot root;
+    Process guest(two_port_guest(root.dir));
+    const auto ports = guest.chan().recv();
+    const Port p1 = ports.at(0), p2 = ports.at(1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    rt::Reactor r;
+    auto other = r.run_until(ch->bind_interdomain(r, kGuest, p2));
+    REQUIRE(other.ok());
+    REQUIRE(fill_queue(root.port(kGuest, p1)) > 0);
+
+    BindOutcome outcome;
+    int pings = 0;
+    const auto started = Clock::now();
+    r.run_until(bind_while_pinged(r, *ch, guest.chan(), p1, other->port(), 200ms, outcome, pings));
+    REQUIRE(outcome.result.has_value());
+    CHECK(pings == 3);  // port p2 was served while the bind waited
+    REQUIRE(outcome.result->ok());
+    CHECK(outcome.finished - started >= 200ms);  // it did wait for the drain
+
+    const Port q1 = (*outcome.result)->port();
+    guest.chan().send({3});
+    CHECK(r.run_until(port_fires(r, *ch, q1)));  // the guest got the BIND: the binding works
+    guest.chan().recv();
+    guest.chan().send({0});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("a BIND to a queue that stays full fails after a second, without holding up the thread") {
+    TempRoot root;
+    Process guest(two_port_guest(root.dir));
+    const auto ports = guest.chan().recv();
+    const Port p1 = ports.at(0), p2 = ports.at(1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    rt::Reactor r;
+    auto other = r.run_until(ch->bind_interdomain(r, kGuest, p2));
+    REQUIRE(other.ok());
+    REQUIRE(fill_queue(root.port(kGuest, p1)) > 0);
+
+    BindOutcome outcome;
+    int pings = 0;
+    const auto started = Clock::now();
+    r.run_until(bind_while_pinged(r, *ch, guest.chan(), p1, other->port(), std::nullopt, outcome, pings));
+    REQUIRE(outcome.result.has_value());
+    CHECK(pings == 3);
+    CHECK(outcome.result->error() == ETIMEDOUT);
+    CHECK(outcome.finished - started >= 1s);  // the contract's second of retries
+    CHECK(ch->bound_ports() == 1);
+    CHECK(entries_in(root.dom(0) + "/evtchn") == 1);  // the failed port's socket is gone
+
+    // Every try counts in full: a second bind to the same guest waits its
+    // second too, and goes through when the guest drains meanwhile.
+    BindOutcome again;
+    pings = 0;
+    r.run_until(bind_while_pinged(r, *ch, guest.chan(), p1, other->port(), 300ms, again, pings));
+    REQUIRE(again.result.has_value());
+    CHECK(pings == 3);
+    CHECK(again.result->ok());
+    guest.chan().send({0});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("a BIND waiting for room ends with ECANCELED when cancelled") {
+    TempRoot root;
+    Process guest(two_port_guest(root.dir));
+    const Port p1 = guest.chan().recv().at(0);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    rt::Reactor r;
+    REQUIRE(fill_queue(root.port(kGuest, p1)) > 0);
+    rt::CancelSource cancel;
+    BindOutcome outcome;
+    r.spawn(bind_into(r, *ch, p1, cancel.token(), outcome));
+    r.post([&cancel] { cancel.cancel(); });  // once the bind is waiting
+    r.run_until(wait_for(r, outcome));
+    REQUIRE(outcome.result.has_value());
+    CHECK(outcome.result->error() == ECANCELED);
+    CHECK(ch->bound_ports() == 0);
+    CHECK(entries_in(root.dom(0) + "/evtchn") == 0);
+    guest.chan().send({0});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("a CLOSE to a full queue is retried in the background: unbinding does not wait for it") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    Process guest([dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto ch = plat->open_event_channel();
+        auto port = ch->bind_unbound(0);
+        G_REQUIRE(port.ok());
+        c.send({port->port()});
+        c.recv();                            // bound, queue filled, unbound
+        G_REQUIRE(pending_of(*ch).empty());  // the BIND and the junk: room for the CLOSE
+        G_REQUIRE(wait_pending(*ch) == std::vector<Port>{port->port()});  // the CLOSE came
+        c.send({1});
+        c.recv();
+    });
+    const Port p = guest.chan().recv().at(0);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    auto bound = bind_now(*ch, kGuest, p);
+    REQUIRE(bound.ok());
+    const Port q = bound->port();
+    REQUIRE(fill_queue(root.port(kGuest, p)) > 0);
+
+    bound->reset();  // its CLOSE does not fit: must not wait here
+    CHECK(ch->bound_ports() == 0);
+    // Kept for the guest until the CLOSE is in: it has not read the BIND yet.
+    CHECK(fs::exists(root.port(0, q)));
+    guest.chan().send({1});  // only now does the guest drain
+    // Serve the channel as its owner does, until the guest saw the CLOSE.
+    const auto give_up = Clock::now() + 2 * std::chrono::milliseconds(kWaitMs);
+    while (!readable(guest.chan().fd(), 0) && Clock::now() < give_up) {
+        if (readable(ch->fd(), 10)) CHECK(pending_of(*ch).empty());
+    }
+    guest.chan().recv();
+    // Delivered, the CLOSE frees the port and its number.
+    CHECK_FALSE(fs::exists(root.port(0, q)));
+    auto again = bind_now(*ch, kGuest, p);
+    REQUIRE(again.ok());
+    CHECK(again->port() == q);
+    guest.chan().send({2});
     CHECK(guest.wait() == 0);
 }
