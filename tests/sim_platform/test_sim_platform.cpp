@@ -17,6 +17,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -563,8 +564,12 @@ TEST_CASE("only grants to us map: EPERM otherwise, and a grant's end refuses new
     guest.chan().send({1});
     guest.chan().recv();  // the guest ended that grant
     CHECK(map1(*mapper, kGuest, to0, true).error() == EPERM);
-    // Ending a grant does not revoke an existing mapping.
-    CHECK(std::memcmp(m->bytes(), "still here", 11) == 0);
+    // Ending a grant does not revoke an existing mapping: it stays usable.
+    // The guest also freed the page, and sim gives its memory back at once
+    // (the frame is never used again), so it now reads as zeros.
+    CHECK(read_u32(m->bytes()) == 0);
+    std::memcpy(m->bytes(), "written late", 13);
+    CHECK(std::memcmp(m->bytes(), "written late", 13) == 0);
     guest.chan().send({2});
     CHECK(guest.wait() == 0);
 }
@@ -831,12 +836,15 @@ TEST_CASE("a restarted guest's new files are used, old mappings keep the old pag
     auto fresh = map1(*mapper, kGuest, ref2, true);
     REQUIRE(fresh.ok());
     CHECK(std::strcmp(reinterpret_cast<const char*>(fresh->bytes()), "second boot") == 0);
-    CHECK(std::strcmp(reinterpret_cast<const char*>(old->bytes()), "first boot") == 0);
+    // The old mapping still works and shows nothing of the new incarnation
+    // (its page was freed when the first guest ended: zeros).
+    CHECK(std::strcmp(reinterpret_cast<const char*>(old->bytes()), "second boot") != 0);
+    CHECK(read_u32(old->bytes()) == 0);
     second.chan().send({1});
     CHECK(second.wait() == 0);
 }
 
-TEST_CASE("the sharer reuses freed pages and refs and reports ENOSPC when refs run out") {
+TEST_CASE("the sharer reuses freed refs, never frames, returns their memory, and reports ENOSPC when refs run out") {
     TempRoot root;
     struct statvfs vfs {};
     // Every ref granted is 128 MiB of /dev/shm.
@@ -863,15 +871,20 @@ TEST_CASE("the sharer reuses freed pages and refs and reports ENOSPC when refs r
         G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0);
         const off_t full = st.st_size;
         G_REQUIRE(full == off_t{32760} * 4096);
-        // Dirty every page, so reuse must zero them again.
+        // Dirty every page: none of it may show up again.
         for (auto& h : held) std::memset(h.bytes(), 0xAB, h.size());
         std::memset(last->bytes(), 0xAB, last->size());
+        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_blocks * 512 >= full);
         held.clear();
         last->reset();
+        // The memory went back to the system (holes), though the size stays.
+        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_size == full);
+        G_REQUIRE(st.st_blocks * 512 < (1 << 20));
         auto again = sharer->share(0, 1024, true);
         G_REQUIRE(again.ok());
         for (size_t i = 0; i < 1024; ++i) G_REQUIRE(read_u32(again->bytes() + 4096 * i + 4092) == 0);
-        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_size == full);  // frames reused
+        // Fresh frames past the old ones: the table names frames >= 32760.
+        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_size == full + off_t{1024} * 4096);
         c.send({again->refs()[0], again->refs()[1023]});
         c.recv();
     });
@@ -881,6 +894,99 @@ TEST_CASE("the sharer reuses freed pages and refs and reports ENOSPC when refs r
     CHECK(mapper->map(kGuest, std::vector<GrantRef>{refs.at(0), refs.at(1)}, true).ok());
     guest.chan().send({1});
     CHECK(guest.wait(30000) == 0);
+}
+
+TEST_CASE("a backend still mapping an ended grant never sees, nor touches, what is granted next") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    Process guest([dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto sharer = plat->open_grant_sharer();
+        auto first = sharer->share(0, 2, true);
+        G_REQUIRE(first.ok());
+        std::memcpy(first->bytes(), "first grant", 12);
+        c.send({first->refs()[0], first->refs()[1]});
+        c.recv();  // mapped
+        first->reset();
+        // The next grants, to the backend and to another domain, take the
+        // same refs but must not take the same pages.
+        auto next = sharer->share(0, 1, true);
+        auto other = sharer->share(6, 1, true);
+        G_REQUIRE(next.ok() && other.ok());
+        std::memcpy(next->bytes(), "secret for the next grant", 26);
+        std::memcpy(other->bytes(), "secret for domain 6", 20);
+        c.send({next->refs()[0]});
+        c.recv();  // the backend wrote through its stale mapping
+        G_REQUIRE(std::memcmp(next->bytes(), "secret for the next grant", 26) == 0);
+        G_REQUIRE(std::memcmp(other->bytes(), "secret for domain 6", 20) == 0);
+        c.send({1});
+        c.recv();
+    });
+    const auto refs = guest.chan().recv();
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto mapper = backend->open_grant_mapper();
+    auto stale = mapper->map(kGuest, std::vector<GrantRef>{refs.at(0), refs.at(1)}, true);
+    REQUIRE(stale.ok());
+    CHECK(std::memcmp(stale->bytes(), "first grant", 12) == 0);
+    guest.chan().send({1});
+    const GrantRef next_ref = guest.chan().recv().at(0);
+    CHECK((next_ref == refs.at(0) || next_ref == refs.at(1)));  // refs are reused: pages must not be
+    const std::string seen(reinterpret_cast<const char*>(stale->bytes()), stale->size());
+    CHECK(seen.find("secret") == std::string::npos);
+    std::memset(stale->bytes(), 'S', stale->size());
+    auto next = map1(*mapper, kGuest, next_ref, false);
+    REQUIRE(next.ok());
+    CHECK(std::memcmp(next->bytes(), "secret for the next grant", 26) == 0);
+    guest.chan().send({1});
+    guest.chan().recv();
+    guest.chan().send({2});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("when the memory file cannot grow, the sharer goes round to frames no grant uses") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    Process guest([dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto sharer = plat->open_grant_sharer();  // sets up the 256 KiB grant table
+        // From now on, no file of ours may grow past 16 frames.
+        ::signal(SIGXFSZ, SIG_IGN);
+        const rlimit limit{16 * 4096, 16 * 4096};
+        G_REQUIRE(::setrlimit(RLIMIT_FSIZE, &limit) == 0);
+        const int table = ::open((dir + "/dom5/gnttab").c_str(), O_RDONLY);
+        G_REQUIRE(table >= 0);
+        auto frame_of = [&](GrantRef r) {
+            uint32_t frame = 0;
+            G_REQUIRE(::pread(table, &frame, 4, static_cast<off_t>(r) * 8 + 4) == 4);
+            return frame;
+        };
+        auto held = sharer->share(0, 3, true);  // frames 0..2, kept throughout
+        G_REQUIRE(held.ok());
+        std::memset(held->bytes(), 'H', held->size());
+        std::vector<uint32_t> seen;
+        for (int i = 0; i < 40; ++i) {
+            auto p = sharer->share(0, 2, true);
+            G_REQUIRE(p.ok());
+            for (size_t k = 0; k < 2; ++k) {
+                const uint32_t f = frame_of(p->refs()[k]);
+                G_REQUIRE(f >= 3 && f < 16);  // never a live frame, never past the limit
+                G_REQUIRE(read_u32(p->bytes() + k * 4096 + 100) == 0);  // emptied before reuse
+                seen.push_back(f);
+            }
+            std::memset(p->bytes(), 'x', p->size());
+        }
+        // In increasing order up to the limit (the pair 15+16 does not fit),
+        // then round again to the lowest frames not held.
+        for (uint32_t k = 0; k < 12; ++k) G_REQUIRE(seen[k] == 3 + k);
+        G_REQUIRE(seen[12] == 3 && seen[13] == 4);
+        for (size_t k = 0; k < held->size(); ++k) G_REQUIRE(held->bytes()[k] == std::byte{'H'});
+        struct stat st {};
+        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_size <= 16 * 4096);
+        ::close(table);
+        c.send({1});
+    });
+    CHECK(guest.chan().recv().at(0) == 1);
+    CHECK(guest.wait() == 0);
 }
 
 // =========================================================== event channels

@@ -25,6 +25,7 @@
 #include <new>
 #include <system_error>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace xensock::platform::sim {
 
@@ -374,16 +375,32 @@ void SimGrantMapper::unmap(void* addr, size_t pages) noexcept {
 // This domain's own memory and grant table, shared by every GrantSharer of
 // one platform (one domain = one process: a second process of the same
 // domain would allocate the same refs).
+//
+// Frames are not reused when their grant ends: a backend may keep mapping
+// an ended grant (the contract allows it; on Xen the page would not be
+// freed while mapped), and a reused frame would show it, and let it write,
+// whatever is granted next, perhaps to another domain. So frames are handed
+// out in increasing order, and a freed frame's memory goes back to the
+// system by punching a hole in `mem` (a stale mapping then reads zeros, and
+// what it writes lands in a frame nobody uses). Only when the frame space
+// is spent (2^32 frames, the grant entry's field: 16 TiB granted over the
+// domain's life; or earlier, if the file system will not let `mem` grow)
+// does allocation wrap around to the lowest frames no grant uses, each
+// emptied again first. Live frames are bounded by the refs (32760 at most).
 struct SharerState {
-    static constexpr uint32_t kMaxFrames = 1u << 18;  // 1 GiB of granted memory
+    static constexpr uint64_t kFrameSpace = uint64_t{1} << 32;
 
     std::mutex mu;
     UniqueFd mem;
-    std::byte* table = nullptr;             // DIR/dom<self>/gnttab, mapped shared
-    std::vector<GrantRef> free_refs;        // stack, lowest ref on top
-    std::vector<uint32_t> free_frames;      // frames of `mem` not in use
-    std::vector<uint32_t> ref_frame;        // frame behind each granted ref (our copy, not the table's)
-    uint32_t frames = 0;                    // size of `mem` in frames
+    std::byte* table = nullptr;          // DIR/dom<self>/gnttab, mapped shared
+    std::vector<GrantRef> free_refs;     // stack, lowest ref on top
+    std::vector<uint32_t> ref_frame;     // frame behind each granted ref (our copy, not the table's)
+    std::unordered_set<uint32_t> live_frames;  // frames behind a grant now
+    uint64_t next_frame = 0;             // where the next frame is looked for
+    uint64_t frame_limit = kFrameSpace;  // lowered if `mem` cannot grow further
+    uint64_t used_frames = 0;            // frames below this were handed out before
+    bool wrapped = false;                // next_frame went round once: skip live frames
+    bool can_punch = true;               // the file system frees a hole's memory
 
     SharerState() = default;
     SharerState(const SharerState&) = delete;
@@ -397,6 +414,14 @@ namespace {
 
 [[noreturn]] void sharer_fail(const std::string& what, int err) {
     throw std::system_error(err, std::generic_category(), "sim grant sharer: " + what);
+}
+
+void warn_once_noexcept(int err) noexcept {
+    try {
+        log::warn("sim grant sharer: cannot punch holes in the memory file ({}): freed pages keep their memory "
+                  "until the domain restarts; put the sim root on tmpfs", errno_text(err));
+    } catch (...) {
+    }
 }
 
 // Empties this domain's memory and grant table (ending any grant a previous
@@ -423,7 +448,77 @@ std::shared_ptr<SharerState> open_sharer_state(const Context& ctx) {
     s->free_refs.reserve(kGrantEntries);
     for (GrantRef r = kGrantEntries; r-- > kReservedRefs;) s->free_refs.push_back(r);
     s->ref_frame.assign(kGrantEntries, 0);
+    s->live_frames.reserve(kGrantEntries);
     return s;
+}
+
+// Runs of consecutive frames in `frames`, in order: fn(first, count).
+template <typename Fn>
+void for_each_run(const std::vector<uint32_t>& frames, Fn&& fn) {
+    for (size_t i = 0; i < frames.size();) {
+        size_t run = 1;
+        while (i + run < frames.size() && frames[i + run] == frames[i] + run) ++run;
+        fn(i, run);
+        i += run;
+    }
+}
+
+off_t frame_offset(uint64_t frame) { return static_cast<off_t>(frame * kPageSize); }
+
+// Frees the memory behind frames [first, first+count) of `mem`; they read
+// as zeros afterwards. False if the file system cannot.
+bool punch_frames(SharerState& s, uint32_t first, size_t count) noexcept {
+    if (!s.can_punch) return false;
+    if (::fallocate(s.mem.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, frame_offset(first),
+                    static_cast<off_t>(count * kPageSize)) == 0) {
+        return true;
+    }
+    s.can_punch = false;
+    warn_once_noexcept(errno);
+    return false;
+}
+
+// Picks `pages` frames (see SharerState); false if none are left at all.
+bool pick_frames(SharerState& s, size_t pages, std::vector<uint32_t>& out) {
+    out.clear();
+    uint64_t looked_at = 0;
+    while (out.size() < pages) {
+        if (s.next_frame >= s.frame_limit) {
+            s.next_frame = 0;
+            s.wrapped = true;
+        }
+        if (++looked_at > s.frame_limit) return false;
+        const auto frame = static_cast<uint32_t>(s.next_frame++);
+        if (s.wrapped && s.live_frames.contains(frame)) continue;
+        out.push_back(frame);
+    }
+    return true;
+}
+
+// Gives `frames` memory in `mem` (growing it as needed), empty: fresh frames
+// are, a frame used before is emptied first. fallocate, not ftruncate: on a
+// full tmpfs the first touch of a sparse page would be a SIGBUS instead of
+// this error. `zero_after_map` is set if some frame could not be emptied
+// here (no hole punching). EFBIG: `mem` cannot grow that far.
+int back_frames(SharerState& s, const std::vector<uint32_t>& frames, bool& zero_after_map) {
+    int err = 0;
+    for_each_run(frames, [&](size_t i, size_t run) {
+        if (err != 0) return;
+        const uint32_t first = frames[i];
+        if (first < s.used_frames && !punch_frames(s, first, run)) zero_after_map = true;
+        const off_t at = frame_offset(first);
+        const auto len = static_cast<off_t>(run * kPageSize);
+        if (::fallocate(s.mem.get(), 0, at, len) != 0) {
+            err = errno;
+            struct stat st {};
+            if (err == EOPNOTSUPP && ::fstat(s.mem.get(), &st) == 0) {
+                err = st.st_size >= at + len || ::ftruncate(s.mem.get(), at + len) == 0 ? 0 : errno;
+            }
+            if (err != 0) return;
+        }
+        s.used_frames = std::max<uint64_t>(s.used_frames, uint64_t{first} + run);
+    });
+    return err;
 }
 
 uint16_t* entry_flags(std::byte* table, GrantRef r) { return reinterpret_cast<uint16_t*>(table + r * kGrantEntrySize); }
@@ -455,50 +550,45 @@ Result<SharedPages> SimGrantSharer::share(DomId to, size_t pages, bool writable)
 
     std::vector<uint32_t> frames;
     std::vector<GrantRef> refs;
+    bool zero_after_map = false;
     try {
         frames.reserve(pages);
         refs.reserve(pages);
-        if (s.free_frames.size() < pages) {
-            const size_t grow = pages - s.free_frames.size();
-            if (grow > SharerState::kMaxFrames - s.frames) return Errno{ENOMEM};
-            s.free_frames.reserve(s.frames + grow);  // unshare() must never allocate
-            // fallocate, not just ftruncate: on a full tmpfs the first touch
-            // of a sparse page would be a SIGBUS instead of this error.
-            const auto at = static_cast<off_t>(s.frames) * static_cast<off_t>(kPageSize);
-            const auto len = static_cast<off_t>(grow) * static_cast<off_t>(kPageSize);
-            if (::fallocate(s.mem.get(), 0, at, len) != 0) {
-                const int err = errno;
-                if (err != EOPNOTSUPP || ::ftruncate(s.mem.get(), at + len) != 0) {
-                    log::warn("sim grant sharer: cannot grow memory by {} pages: {}", grow, errno_text(err));
-                    return Errno{ENOMEM};
-                }
+        for (int attempt = 0;; ++attempt) {
+            if (!pick_frames(s, pages, frames)) return Errno{ENOMEM};
+            const int err = back_frames(s, frames, zero_after_map);
+            if (err == 0) break;
+            if (err == EFBIG && attempt < 2 && s.used_frames > 0) {
+                // The file system's (or RLIMIT_FSIZE's) limit on `mem`: the
+                // frame space ends here; go round to the lowest free frames.
+                log::info("sim grant sharer: memory file cannot grow past {} frames; reusing freed frames from now on",
+                          s.used_frames);
+                s.frame_limit = s.used_frames;
+                s.next_frame = s.frame_limit;
+                continue;
             }
-            for (size_t i = grow; i-- > 0;) s.free_frames.push_back(s.frames + static_cast<uint32_t>(i));
-            s.frames += static_cast<uint32_t>(grow);
+            log::warn("sim grant sharer: cannot back {} pages with memory: {}", pages, errno_text(err));
+            return Errno{ENOMEM};
         }
+        for (const uint32_t f : frames) s.live_frames.insert(f);
     } catch (const std::bad_alloc&) {
+        for (const uint32_t f : frames) s.live_frames.erase(f);
         return Errno{ENOMEM};
-    }
-    for (size_t i = 0; i < pages; ++i) {
-        frames.push_back(s.free_frames.back());
-        s.free_frames.pop_back();
     }
 
     Reservation range(pages * kPageSize);
     bool mapped = range.get() != nullptr;
-    for (size_t i = 0; mapped && i < pages;) {
-        size_t run = 1;
-        while (i + run < pages && frames[i + run] == frames[i] + run) ++run;
-        const auto offset = static_cast<off_t>(frames[i]) * static_cast<off_t>(kPageSize);
+    for_each_run(frames, [&](size_t i, size_t run) {
+        if (!mapped) return;
         mapped = ::mmap(range.get() + i * kPageSize, run * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                        s.mem.get(), offset) != MAP_FAILED;
-        i += run;
-    }
+                        s.mem.get(), frame_offset(frames[i])) != MAP_FAILED;
+    });
     if (!mapped) {  // the Reservation unmaps whatever was mapped
-        for (const uint32_t f : frames) s.free_frames.push_back(f);
+        for (const uint32_t f : frames) s.live_frames.erase(f);
         return Errno{ENOMEM};
     }
-    std::memset(range.get(), 0, pages * kPageSize);  // reused frames hold old data
+    // Only frames used before, and only where no hole could empty them.
+    if (zero_after_map) std::memset(range.get(), 0, pages * kPageSize);
 
     const uint16_t flags = static_cast<uint16_t>(kGtfPermitAccess | (writable ? 0 : kGtfReadonly));
     for (size_t i = 0; i < pages; ++i) {
@@ -520,14 +610,27 @@ void SimGrantSharer::unshare(void* addr, const std::vector<GrantRef>& refs) noex
     SharerState& s = *state_;
     std::lock_guard lock(s.mu);
     for (const GrantRef r : refs) std::atomic_ref<uint16_t>(*entry_flags(s.table, r)).store(0, std::memory_order_relaxed);
-    // Grants end before their pages are reused. (A backend that still maps a
-    // page keeps seeing it; on Xen the grant could not end while mapped.)
     std::atomic_thread_fence(std::memory_order_release);
     ::munmap(addr, refs.size() * kPageSize);
+    // The memory goes back; the frames are not handed out again (see
+    // SharerState), so a backend still mapping one sees zeros, never a
+    // later grant. One hole per run of consecutive frames; nothing here
+    // allocates (erase, and a stack whose capacity was reserved at start).
+    uint32_t run_first = 0;
+    size_t run_length = 0;
     for (const GrantRef r : refs) {
-        s.free_frames.push_back(s.ref_frame[r]);  // capacity reserved in share()
-        s.free_refs.push_back(r);                 // capacity reserved at start
+        const uint32_t frame = s.ref_frame[r];
+        s.live_frames.erase(frame);
+        s.free_refs.push_back(r);
+        if (run_length > 0 && frame == run_first + run_length) {
+            ++run_length;
+            continue;
+        }
+        if (run_length > 0) (void)punch_frames(s, run_first, run_length);
+        run_first = frame;
+        run_length = 1;
     }
+    if (run_length > 0) (void)punch_frames(s, run_first, run_length);
 }
 
 }  // namespace
