@@ -805,6 +805,40 @@ TEST_CASE("a guest shrinking its memory under a mapping does not crash the backe
     CHECK(guest.wait() == 0);
 }
 
+TEST_CASE("the SIGBUS guard grows with the live mappings: a shrink under the 20000th does not crash") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    // Here the test process is the guest; the forked process maps.
+    auto plat = xp::open_sim_platform(root.dir, kGuest);
+    auto sharer = plat->open_grant_sharer();
+    auto page = sharer->share(0, 1, true);
+    REQUIRE(page.ok());
+    const GrantRef ref = page->refs()[0];
+    constexpr uint32_t kMappings = 20000;  // more than any fixed guard this had
+    Process backend([dir, ref](Chan& c) {
+        auto be = xp::open_sim_platform(dir, 0);
+        auto mapper = be->open_grant_mapper();
+        std::vector<xp::GrantMapping> held;
+        held.reserve(kMappings);
+        for (uint32_t i = 0; i < kMappings; ++i) {
+            auto m = map1(*mapper, kGuest, ref, true);
+            G_REQUIRE(m.ok());
+            held.push_back(std::move(m.value()));
+        }
+        c.send({kMappings});
+        c.recv();  // mem is empty now: every page would fault
+        for (auto& m : held) G_REQUIRE(reinterpret_cast<volatile const unsigned char*>(m.bytes())[7] == 0);
+        std::memcpy(held.back().bytes(), "still alive", 12);
+        held.clear();
+        G_REQUIRE(mapper->live_mappings() == 0);
+        c.send({1});
+    });
+    REQUIRE(backend.chan().recv(60000).at(0) == kMappings);
+    REQUIRE(::truncate((root.dom(kGuest) + "/mem").c_str(), 0) == 0);
+    backend.chan().send({1});
+    CHECK(backend.wait(60000) == 0);
+}
+
 TEST_CASE("a restarted guest's new files are used, old mappings keep the old pages") {
     TempRoot root;
     const std::string dir = root.dir;

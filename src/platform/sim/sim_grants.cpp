@@ -44,25 +44,37 @@ namespace {
 // or a sanitizer's handler). Kernel-side accesses (io_uring reads and
 // writes into a truncated page) fail with EFAULT and raise no signal.
 //
-// The registry of live mappings is a fixed array of lock-free slots, so the
-// handler reads it without locks or allocation. A process with more live
-// mappings than slots still works; the excess is simply unguarded (logged
-// once). The guard assumes nobody replaces the SIGBUS handler later.
+// The registry of live mappings is made of lock-free slots, so the handler
+// reads it without locks or allocation. Slots come in chunks, allocated as
+// more mappings go live and never freed (a chunk the handler may be reading
+// never goes away), up to a fixed number of chunks: far more mappings than
+// the kernel allows a process by default (vm.max_map_count, 65530). A map
+// that would go beyond is refused with ENOMEM: an unguarded mapping could
+// crash the process. Claiming and freeing slots takes a mutex (never the
+// handler). The guard assumes nobody replaces the SIGBUS handler later.
 
-constexpr size_t kGuardSlots = 16384;
-constexpr uintptr_t kSlotBusy = 1;  // claimed, not yet published
+constexpr size_t kGuardChunkSlots = 4096;
+constexpr size_t kGuardMaxChunks = 64;  // 262144 live mappings
 
 struct GuardSlot {
-    std::atomic<uintptr_t> begin{0};  // 0 free, kSlotBusy claimed, else start address
+    std::atomic<uintptr_t> begin{0};  // 0 free, else start address
     std::atomic<uintptr_t> end{0};    // end address | 1 if writable (ends are page aligned)
 };
 static_assert(std::atomic<uintptr_t>::is_always_lock_free);
+static_assert(std::atomic<GuardSlot*>::is_always_lock_free);
 
-GuardSlot g_slots[kGuardSlots];
+std::atomic<GuardSlot*> g_chunks[kGuardMaxChunks];
 std::atomic<size_t> g_slots_high{0};  // slots at or above this index were never used
+std::mutex g_guard_mu;                // claiming and freeing slots, growing
+size_t g_chunk_count = 0;             // g_guard_mu
+std::vector<uint32_t> g_free_slots;   // g_guard_mu; capacity for every slot
 struct sigaction g_previous_sigbus {};
 std::once_flag g_guard_once;
-std::atomic<bool> g_guard_full_logged{false};
+bool g_guard_full_logged = false;  // g_guard_mu
+
+GuardSlot& guard_slot(size_t i) noexcept {
+    return g_chunks[i / kGuardChunkSlots].load(std::memory_order_acquire)[i % kGuardChunkSlots];
+}
 
 void chain_previous_sigbus(int sig, siginfo_t* info, void* uctx) {
     const struct sigaction& prev = g_previous_sigbus;
@@ -90,11 +102,13 @@ void on_sigbus(int sig, siginfo_t* info, void* uctx) {
     const int saved_errno = errno;
     if (info != nullptr && info->si_code == BUS_ADRERR) {
         const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+        // Every slot below `high` is in a chunk published before it.
         const size_t high = g_slots_high.load(std::memory_order_acquire);
         for (size_t i = 0; i < high; ++i) {
-            const uintptr_t begin = g_slots[i].begin.load(std::memory_order_acquire);
-            if (begin <= kSlotBusy) continue;
-            const uintptr_t end = g_slots[i].end.load(std::memory_order_relaxed);
+            const GuardSlot& slot = guard_slot(i);
+            const uintptr_t begin = slot.begin.load(std::memory_order_acquire);
+            if (begin == 0) continue;
+            const uintptr_t end = slot.end.load(std::memory_order_relaxed);
             if (addr < begin || addr >= (end & ~uintptr_t{1})) continue;
             const int prot = (end & 1) != 0 ? PROT_READ | PROT_WRITE : PROT_READ;
             void* page = reinterpret_cast<void*>(addr & ~uintptr_t{kPageSize - 1});
@@ -123,31 +137,54 @@ void install_sigbus_guard() {
     });
 }
 
-// Returns the slot, or -1 if all are taken (the mapping is then unguarded).
+// One more chunk of free slots; false if at the limit or out of memory.
+bool guard_grow() noexcept {  // g_guard_mu held
+    if (g_chunk_count == kGuardMaxChunks) {
+        if (!g_guard_full_logged) {
+            g_guard_full_logged = true;
+            try {
+                log::warn("sim grants: {} live mappings, the most the SIGBUS guard covers; refusing more (ENOMEM)",
+                          kGuardMaxChunks * kGuardChunkSlots);
+            } catch (...) {
+            }
+        }
+        return false;
+    }
+    auto* chunk = new (std::nothrow) GuardSlot[kGuardChunkSlots];
+    if (chunk == nullptr) return false;
+    const size_t first = g_chunk_count * kGuardChunkSlots;
+    try {
+        g_free_slots.reserve(first + kGuardChunkSlots);  // guard_remove() must never allocate
+    } catch (...) {
+        delete[] chunk;
+        return false;
+    }
+    g_chunks[g_chunk_count].store(chunk, std::memory_order_release);
+    ++g_chunk_count;
+    for (size_t i = kGuardChunkSlots; i-- > 0;) g_free_slots.push_back(static_cast<uint32_t>(first + i));
+    return true;
+}
+
+// Guards [addr, addr+bytes): returns the slot, or -1 if none is left (the
+// caller must then not hand the mapping out).
 int guard_add(void* addr, size_t bytes, bool writable) noexcept {
     const auto begin = reinterpret_cast<uintptr_t>(addr);
-    for (size_t i = 0; i < kGuardSlots; ++i) {
-        uintptr_t expected = 0;
-        if (!g_slots[i].begin.compare_exchange_strong(expected, kSlotBusy, std::memory_order_acq_rel)) continue;
-        g_slots[i].end.store((begin + bytes) | (writable ? 1 : 0), std::memory_order_relaxed);
-        g_slots[i].begin.store(begin, std::memory_order_release);
-        size_t high = g_slots_high.load(std::memory_order_relaxed);
-        while (high < i + 1 &&
-               !g_slots_high.compare_exchange_weak(high, i + 1, std::memory_order_release, std::memory_order_relaxed)) {
-        }
-        return static_cast<int>(i);
-    }
-    if (!g_guard_full_logged.exchange(true)) {
-        try {
-            log::warn("sim grants: more than {} live mappings; the excess is not guarded against SIGBUS", kGuardSlots);
-        } catch (...) {
-        }
-    }
-    return -1;
+    std::lock_guard lock(g_guard_mu);
+    if (g_free_slots.empty() && !guard_grow()) return -1;
+    const uint32_t i = g_free_slots.back();  // lowest first: keeps the handler's scan short
+    g_free_slots.pop_back();
+    GuardSlot& slot = guard_slot(i);
+    slot.end.store((begin + bytes) | (writable ? 1 : 0), std::memory_order_relaxed);
+    slot.begin.store(begin, std::memory_order_release);
+    if (g_slots_high.load(std::memory_order_relaxed) < i + 1) g_slots_high.store(i + 1, std::memory_order_release);
+    return static_cast<int>(i);
 }
 
 void guard_remove(int slot) noexcept {
-    if (slot >= 0) g_slots[static_cast<size_t>(slot)].begin.store(0, std::memory_order_release);
+    if (slot < 0) return;
+    std::lock_guard lock(g_guard_mu);
+    guard_slot(static_cast<size_t>(slot)).begin.store(0, std::memory_order_release);
+    g_free_slots.push_back(static_cast<uint32_t>(slot));  // capacity reserved in guard_grow()
 }
 
 // ----------------------------------------------------------- small helpers
@@ -338,8 +375,16 @@ Result<GrantMapping> SimGrantMapper::map(DomId granter, std::span<const GrantRef
         }
         i += run;
     }
-    guard_slots_.emplace(range.get(), guard_add(range.get(), bytes, writable));
-    granter_of_.emplace(range.get(), granter);
+    const int slot = guard_add(range.get(), bytes, writable);
+    if (slot < 0) return Errno{ENOMEM};  // unguarded, a shrinking granter could crash us
+    try {
+        guard_slots_.emplace(range.get(), slot);
+        granter_of_.emplace(range.get(), granter);
+    } catch (...) {
+        guard_slots_.erase(range.get());
+        guard_remove(slot);
+        throw;
+    }
     ++live_by_granter_[granter];
     forget.mapped = true;
     live_.fetch_add(1, std::memory_order_relaxed);
