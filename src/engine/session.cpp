@@ -67,11 +67,19 @@ void Session::publish_backend_nodes() {
 rt::Task<void> Session::run() {
     auto& xs = *worker.xs;
     worker.watchers[watch_token] = this;
+    // However run() ends (an exception too), the worker stops dispatching to us.
+    struct Unlisted {
+        Worker& worker;
+        const std::string& token;
+        ~Unlisted() { worker.watchers.erase(token); }
+    } unlisted{worker, watch_token};
     // Watch single nodes, not whole directories: a guest writing junk under
     // its device directory then costs us nothing (XSA-349).
+    std::vector<platform::Watch> watches;
     for (const auto& node : {frontend_path + "/state", backend_path + "/state", backend_path + "/online"}) {
-        auto st = xs.watch(node, watch_token);
-        if (!st) log::warn("dom{}: cannot watch {}: {}", key.domid, node, errno_text(st.error()));
+        platform::Watch watch(xs, node, watch_token);
+        if (!watch) log::warn("dom{}: cannot watch {}: {}", key.domid, node, errno_text(watch.status().error()));
+        watches.push_back(std::move(watch));
     }
     log::info("dom{} {}: device {} appeared", key.domid, key.protocol, key.devid);
     // Linux's pvcalls frontend reads our nodes when it probes: publish at once.
@@ -85,9 +93,7 @@ rt::Task<void> Session::run() {
     }
     co_await disconnect();
     if (!ended && xs.read(backend_path + "/state")) write_state(Closed);
-    for (const auto& node : {frontend_path + "/state", backend_path + "/state", backend_path + "/online"})
-        (void)xs.unwatch(node, watch_token);
-    worker.watchers.erase(watch_token);
+    watches.clear();  // unwatched now; `unlisted` takes us off the worker's list
     log::info("dom{} {}: session ended", key.domid, key.protocol);
 }
 
