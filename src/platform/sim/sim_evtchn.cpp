@@ -311,7 +311,7 @@ SimEventChannel::~SimEventChannel() {
     // ending this channel, not serving it), one second in all.
     while (!closing_.empty()) {
         retry_closes();
-        if (!closing_.empty()) std::this_thread::sleep_for(kControlRetryFirstPause * 5);
+        if (!closing_.empty()) std::this_thread::sleep_for(kCloseRetryPause);
     }
     if (bad_datagrams_ != 0) log::debug("sim evtchn: ignored {} bad datagrams", bad_datagrams_);
 }

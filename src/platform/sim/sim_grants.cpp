@@ -67,7 +67,9 @@ std::atomic<GuardSlot*> g_chunks[kGuardMaxChunks];
 std::atomic<size_t> g_slots_high{0};  // slots at or above this index were never used
 std::mutex g_guard_mu;                // claiming and freeing slots, growing
 size_t g_chunk_count = 0;             // g_guard_mu
-std::vector<uint32_t> g_free_slots;   // g_guard_mu; capacity for every slot
+// g_guard_mu; capacity for every slot. Never destroyed: a mapping may be
+// unmapped from a static destructor.
+std::vector<uint32_t>& g_free_slots = *new std::vector<uint32_t>;
 struct sigaction g_previous_sigbus {};
 std::once_flag g_guard_once;
 bool g_guard_full_logged = false;  // g_guard_mu
