@@ -155,7 +155,8 @@ rt::Task<int> Session::cmd_connect(Connection& c, const wire::Request& req) {
     }
 
     // Bind the guest's port last: on sim the BIND goes out before our reply.
-    auto port = worker.evtchn->bind_interdomain(key.domid, req.evtchn);
+    auto port = co_await worker.evtchn->bind_interdomain(*worker.reactor, key.domid, req.evtchn, sock.cancel.token());
+    if (sock.cancel.cancelled()) co_return -EBADF;  // released or killed meanwhile
     if (!port) {
         sock.kind = SocketKind::fresh;
         co_return -port.error();
@@ -260,7 +261,7 @@ rt::Task<int> Session::cmd_accept(Connection& c, const wire::Request& req) {
         co_return fd == -ECANCELED ? -EBADF : fd;
     }
     FileDescriptor conn_fd(fd);
-    auto port = worker.evtchn->bind_interdomain(key.domid, req.evtchn);
+    auto port = co_await worker.evtchn->bind_interdomain(*worker.reactor, key.domid, req.evtchn, c.cancel.token());
     if (!port) {
         unreserve();
         co_return -port.error();

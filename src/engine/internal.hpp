@@ -233,7 +233,7 @@ struct Session {
     // session.cpp
     rt::Task<void> reconcile(bool& ended);
     rt::Task<void> disconnect();
-    Status connect(std::string& why);
+    rt::Task<Status> connect(std::string& why);
     void publish_backend_nodes();
     void write_state(int state);
     rt::Task<void> serve_commands(Connection& c);

@@ -67,11 +67,19 @@ void Session::publish_backend_nodes() {
 rt::Task<void> Session::run() {
     auto& xs = *worker.xs;
     worker.watchers[watch_token] = this;
+    // However run() ends (an exception too), the worker stops dispatching to us.
+    struct Unlisted {
+        Worker& worker;
+        const std::string& token;
+        ~Unlisted() { worker.watchers.erase(token); }
+    } unlisted{worker, watch_token};
     // Watch single nodes, not whole directories: a guest writing junk under
     // its device directory then costs us nothing (XSA-349).
+    std::vector<platform::Watch> watches;
     for (const auto& node : {frontend_path + "/state", backend_path + "/state", backend_path + "/online"}) {
-        auto st = xs.watch(node, watch_token);
-        if (!st) log::warn("dom{}: cannot watch {}: {}", key.domid, node, errno_text(st.error()));
+        platform::Watch watch(xs, node, watch_token);
+        if (!watch) log::warn("dom{}: cannot watch {}: {}", key.domid, node, errno_text(watch.status().error()));
+        watches.push_back(std::move(watch));
     }
     log::info("dom{} {}: device {} appeared", key.domid, key.protocol, key.devid);
     // Linux's pvcalls frontend reads our nodes when it probes: publish at once.
@@ -85,9 +93,7 @@ rt::Task<void> Session::run() {
     }
     co_await disconnect();
     if (!ended && xs.read(backend_path + "/state")) write_state(Closed);
-    for (const auto& node : {frontend_path + "/state", backend_path + "/state", backend_path + "/online"})
-        (void)xs.unwatch(node, watch_token);
-    worker.watchers.erase(watch_token);
+    watches.clear();  // unwatched now; `unlisted` takes us off the worker's list
     log::info("dom{} {}: session ended", key.domid, key.protocol);
 }
 
@@ -146,7 +152,7 @@ rt::Task<void> Session::reconcile(bool& ended) {
             }
             if (!conn) {
                 std::string why;
-                auto st = connect(why);
+                auto st = co_await connect(why);
                 if (st) {
                     write_state(Connected);
                     log::info("dom{} {}: connected", key.domid, key.protocol);
@@ -170,22 +176,22 @@ rt::Task<void> Session::reconcile(bool& ended) {
     }
 }
 
-Status Session::connect(std::string& why) {
+rt::Task<Status> Session::connect(std::string& why) {
     auto& xs = *worker.xs;
     auto reader = [&](std::string_view node) { return xs.read(frontend_path + "/" + std::string(node)); };
     auto params = profile.read_frontend(reader, why);
-    if (!params) return Errno{params.error()};
+    if (!params) co_return Errno{params.error()};
 
     const platform::GrantRef refs[] = {params->ring_ref};
     auto page = worker.mapper->map(key.domid, refs, /*writable=*/true);
     if (!page) {
         why = fmt::format("cannot map command ring (ring-ref {}): {}", params->ring_ref, errno_text(page.error()));
-        return Errno{page.error()};
+        co_return Errno{page.error()};
     }
-    auto port = worker.evtchn->bind_interdomain(key.domid, params->port);
+    auto port = co_await worker.evtchn->bind_interdomain(*worker.reactor, key.domid, params->port, life.token());
     if (!port) {
         why = fmt::format("cannot bind event channel (port {}): {}", params->port, errno_text(port.error()));
-        return Errno{port.error()};
+        co_return Errno{port.error()};
     }
     auto c = std::make_unique<Connection>(*this, *worker.reactor, life.token());
     c->ring_page = std::move(page.value());
@@ -195,7 +201,7 @@ Status Session::connect(std::string& why) {
     conn = std::move(c);
     conn->tasks.enter();
     worker.reactor->spawn(serve_commands(*conn));
-    return {};
+    co_return Status::success();
 }
 
 rt::Task<void> Session::disconnect() {

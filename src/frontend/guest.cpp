@@ -164,8 +164,8 @@ template <typename Pred>
 rt::Task<std::pair<bool, std::optional<std::string>>> Guest::wait_node(const std::string& path_ref, Pred pred,
                                                                         Clock::time_point deadline) {
     const std::string path = path_ref;
-    if (Status w = xs_->watch(path, watch_token_); !w)
-        throw std::runtime_error(fmt::format("cannot watch {}: {}", path, errno_text(w.error())));
+    const platform::Watch watch(*xs_, path, watch_token_);
+    if (!watch) throw std::runtime_error(fmt::format("cannot watch {}: {}", path, errno_text(watch.status().error())));
     std::optional<std::string> value;
     bool ok = false;
     while (true) {
@@ -185,7 +185,6 @@ rt::Task<std::pair<bool, std::optional<std::string>>> Guest::wait_node(const std
         const int rc = co_await op;
         if (rc == -ECANCELED) break;
     }
-    (void)xs_->unwatch(path, watch_token_);
     co_return std::pair{ok, value};
 }
 
