@@ -194,7 +194,7 @@ void consume(Ring& r, fuzz::Input& in) {
 void copies(Ring& r, fuzz::Input& in) {
     const uint32_t index = in.u32();
     const uint32_t len = in.get<uint16_t>() % (r.size + 1);
-    std::vector<std::byte> src(len), back(len);
+    std::vector<std::byte> src(len + 1), back(len + 1);  // never a null data() for len 0
     in.bytes(src.data(), len);
     const std::vector<std::byte> before(r.out(), r.out() + r.size);
     frontend::copy_to_ring(r.out(), r.size, index, src.data(), len);

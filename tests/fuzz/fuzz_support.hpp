@@ -30,6 +30,7 @@ public:
 
     // Fills `out` with the next `n` bytes, zeros once the input runs out.
     void bytes(void* out, size_t n) {
+        if (n == 0) return;  // out may be null (an empty vector's data())
         const size_t take = n < remaining() ? n : remaining();
         if (take > 0) std::memcpy(out, data_ + pos_, take);
         std::memset(static_cast<uint8_t*>(out) + take, 0, n - take);
