@@ -6,6 +6,7 @@
 #include "xensock/platform/platform.hpp"
 #include "xensock/util/log.hpp"
 #include "xensock/wire/profile.hpp"
+#include "xensock/wire/pvcalls_v1.hpp"
 
 #include "control.hpp"
 
@@ -17,6 +18,7 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <thread>
@@ -74,7 +76,9 @@ int main(int argc, char** argv) {
     app.add_option("--sim", sim_dir, "Run on the sim platform rooted at DIR (or set XENSOCK_SIM_DIR)");
     app.add_option("--protocols", protocols, "Comma-separated protocols to serve: xensock, pvcalls")
         ->capture_default_str();
-    app.add_option("--max-ring-order", max_ring_order, "Largest data ring order a guest may use (0..9)")
+    app.add_option("--max-ring-order", max_ring_order,
+                   "Largest data ring order a guest may use (0..9; PVCalls needs 1 or more, Linux's pvcalls-front 4 "
+                   "or more)")
         ->capture_default_str()
         ->check(CLI::Range(0u, wire::kHardMaxRingOrder));
     app.add_option("--workers", workers, "Worker threads (guests are sharded by domid)")
@@ -115,6 +119,24 @@ int main(int argc, char** argv) {
         log::error("--protocols names no protocol");
         return kExitUsage;
     }
+    for (const auto* profile : config.profiles) {
+        // A maximum below the protocol's minimum leaves its guests no usable
+        // ring order: every CONNECT and ACCEPT would fail.
+        if (max_ring_order < profile->min_ring_order()) {
+            log::error("--max-ring-order {} leaves {} guests no data ring ({} needs ring order {} or more): "
+                       "raise --max-ring-order or leave {} out of --protocols",
+                       max_ring_order, profile->name(), profile->name(), profile->min_ring_order(), profile->name());
+            return kExitUsage;
+        }
+    }
+    const auto serves = [&](const wire::ProtocolProfile& p) {
+        return std::find(config.profiles.begin(), config.profiles.end(), &p) != config.profiles.end();
+    };
+    if (serves(wire::pvcalls_v1_profile()) && max_ring_order < wire::pvcalls_v1::kLinuxFrontMinMaxPageOrder)
+        log::warn("--max-ring-order {} is below {}: Linux's pvcalls-front refuses a backend whose max-page-order "
+                  "is less than {}, so only other PVCalls frontends can use this one",
+                  max_ring_order, wire::pvcalls_v1::kLinuxFrontMinMaxPageOrder,
+                  wire::pvcalls_v1::kLinuxFrontMinMaxPageOrder);
 
     // Signals are taken synchronously through a signalfd on the main thread;
     // block them before any thread starts so none inherits them unblocked.
