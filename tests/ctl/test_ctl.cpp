@@ -1201,9 +1201,11 @@ TEST_CASE("a second xensockd on the same control socket refuses to start; a stal
     CHECK_MESSAGE(r.rc == 4, r);
     CHECK(r.err.find(fmt::format("another xensockd (pid {}) is already serving {}", env.daemon_pid(),
                                  env.control_path())) != std::string::npos);
+    // It stopped before its engine started: it never served ("serving PROTOCOLS"
+    // is what the engine logs at start), so it cannot have touched a guest.
+    CHECK_MESSAGE(r.err.find("serving xensock,pvcalls on") == std::string::npos, r);
     // The first one is untouched: still serving, its socket still there, the
-    // guest's device as it left it (a second engine would have taken the
-    // device over, and written Closed on its way out).
+    // guest's device as it left it.
     CHECK(env.daemon_alive());
     CHECK(ctl(env, {"list", "5"}).rc == 0);
     CHECK(env.read(be_state) == "2");
