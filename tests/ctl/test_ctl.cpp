@@ -1313,8 +1313,14 @@ TEST_CASE("exit codes: usage, not found, daemon not reachable") {
             CHECK_MESSAGE(r.rc == 0, r);
             CHECK(r.out.find("Examples:") != std::string::npos);
             CHECK(r.out.find("xensockctl " + sub) != std::string::npos);
-            CHECK(r.out.find("Exit codes: 0 success") != std::string::npos);
+            for (const char* code : {"Exit codes: 0 success", "1 runtime error", "2 usage", "3 not found", "4 not reachable"})
+                CHECK_MESSAGE(r.out.find(code) != std::string::npos, code);
         }
+        // kill's selectors are explained where they are needed.
+        const auto k = ctl(env, {"kill", "--help"});
+        CHECK(k.out.find("--protocol") != std::string::npos);
+        CHECK(k.out.find("--devid") != std::string::npos);
+        CHECK(k.out.find("xensockctl kill 5 3 --protocol xensock") != std::string::npos);
         const auto r = run_ctl({"--help"});
         CHECK(r.rc == 0);
         CHECK(r.out.find("4 not reachable") != std::string::npos);

@@ -20,8 +20,10 @@ using nlohmann::json;
 namespace {
 
 constexpr const char* kExitCodes =
-    "Exit codes: 0 success, 1 runtime error, 2 usage error, 3 not found (unknown domid, sockid\n"
-    "or device), 4 not reachable (xensockd's control socket, or xenstored for attach/detach).";
+    "Exit codes: 0 success, 1 runtime error (e.g. a xensockd worker not responding), 2 usage\n"
+    "error (bad arguments, or a kill SOCKID that needs --protocol), 3 not found (unknown domid,\n"
+    "sockid or device), 4 not reachable (xensockd's control socket, or xenstored for\n"
+    "attach/detach; also a uid xensockd does not serve).";
 // Largest ordinary domain id (DOMID_FIRST_RESERVED - 1).
 constexpr unsigned kMaxDomid = 0x7FEF;
 
@@ -233,6 +235,7 @@ int main(int argc, char** argv) {
     auto* list = app.add_subcommand("list", "One line per guest session, or per socket with --sockets");
     list->footer(footer("  xensockctl list\n"
                         "  xensockctl list --sockets 5\n"
+                        "DOMID is DOMID/DEVID for a device id other than 0 (several devices of one protocol).\n"
                         "Session columns: DOMID PROTOCOL STATE (backend xenbus state) FRONTEND (guest's state)\n"
                         "ACTIVE/PASSIVE (sockets) FROM-GUEST/TO-GUEST (bytes) UPTIME.\n"
                         "Socket columns: ... ORDER (data ring order) IN-QUEUED (bytes waiting for the guest to\n"
