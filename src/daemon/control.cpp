@@ -256,6 +256,9 @@ ControlServer::ControlServer(rt::Reactor& reactor, engine::Engine& engine, std::
         ::close(listen_fd_);
         throw_errno(err, fmt::format("cannot listen on control socket {}", path_));
     }
+    // Counted from now, not from its first step: close() may come before
+    // the reactor ever ran it (the engine failed to start).
+    ++clients_;
     reactor_.spawn(accept_loop());
     log::info("control socket at {}", path_);
 }
@@ -279,7 +282,6 @@ void ControlServer::close() {
 }
 
 rt::Task<void> ControlServer::accept_loop() {
-    ++clients_;
     const auto token = stop_.token();
     while (!token.cancelled()) {
         const int fd = co_await reactor_.accept(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC, token);

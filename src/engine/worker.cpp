@@ -210,7 +210,7 @@ rt::Task<void> Worker::run_session(Session& s) {
     if (&root == this) {
         if (rescan) rescan->set();
     } else {
-        root.post([&root] {
+        (void)root.post([&root] {
             if (root.rescan) root.rescan->set();
         });
     }

@@ -27,6 +27,7 @@
 
 #include <csignal>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -1235,6 +1236,21 @@ TEST_CASE("a second xensockd on the same control socket refuses to start; a stal
     env.start_daemon();
     r = ctl(env, {"list", "5"});
     CHECK_MESSAGE(r.rc == 0, r);
+}
+
+TEST_CASE("xensockd whose engine cannot start exits 1 and leaves no control socket behind") {
+    // The control socket is bound before the engine starts; here the engine
+    // cannot reach xenstored, so the socket must be closed again (and, under
+    // ASan, without touching the control server after it is gone).
+    char dir[] = "/dev/shm/xs-noxs-XXXXXX";
+    REQUIRE(::mkdtemp(dir));
+    const std::string root = dir;
+    const auto r = run_binary("XENSOCK_XENSOCKD", {"--sim", root});
+    CHECK_MESSAGE(r.rc == 1, r);
+    CHECK(r.err.find("cannot connect to xenstored") != std::string::npos);
+    CHECK(::access((root + "/control").c_str(), F_OK) != 0);
+    std::error_code ec;
+    std::filesystem::remove_all(root, ec);
 }
 
 TEST_CASE("SIGHUP does not stop xensockd") {
