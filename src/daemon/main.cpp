@@ -1,7 +1,8 @@
 // xensockd: the driver-domain service for paravirtualized sockets.
 //
 // Exit codes: 0 clean stop (SIGTERM/SIGINT), 1 runtime failure, 2 usage
-// error, 3 platform unavailable (no Xen and no --sim).
+// error, 3 platform unavailable (no Xen and no --sim), 4 another xensockd
+// already answers on the control socket. SIGHUP is logged and ignored.
 #include "xensock/engine/engine.hpp"
 #include "xensock/platform/platform.hpp"
 #include "xensock/util/log.hpp"
@@ -29,6 +30,7 @@ namespace {
 constexpr int kExitFailure = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitNoPlatform = 3;
+constexpr int kExitAlreadyRunning = 4;
 
 // Every guest socket is a descriptor of ours (on sim two more: the event
 // channel's socket and its pin), so take all the descriptors we are allowed:
@@ -64,7 +66,9 @@ int main(int argc, char** argv) {
         "Examples:\n"
         "  xensockd --sim /dev/shm/xs-demo         serve guests of a sim root\n"
         "  xensockd --protocols pvcalls --workers 2 serve PVCalls on real Xen\n"
-        "Exit codes: 0 stopped by signal, 1 failure, 2 usage, 3 no Xen platform.");
+        "Exit codes: 0 stopped by SIGTERM or SIGINT, 1 failure, 2 usage, 3 no Xen platform,\n"
+        "4 another xensockd already serves the control socket. SIGHUP is logged and ignored\n"
+        "(there is no configuration file to reload).");
     std::string sim_dir;
     std::string protocols = "xensock,pvcalls";
     unsigned max_ring_order = 6;
@@ -166,9 +170,12 @@ int main(int argc, char** argv) {
 
     try {
         engine::Engine engine(*platform, config);
-        engine.start();
         rt::Reactor reactor;
+        // The control socket first: a second xensockd must stop here, before
+        // its engine touches the guests the first one serves. Requests wait
+        // in the backlog until the reactor runs.
         daemon::ControlServer control(reactor, engine, control_path);
+        engine.start();
         if (!pid_file.empty()) {
             std::ofstream(pid_file) << getpid() << "\n";
         }
@@ -180,6 +187,12 @@ int main(int argc, char** argv) {
                 if (rc < 0) co_return;
                 signalfd_siginfo info{};
                 if (::read(fd, &info, sizeof info) == sizeof info) {
+                    if (info.ssi_signo == SIGHUP) {
+                        // Operators (and `systemctl reload`) send it expecting
+                        // a reload, not a stop; options live on the command line.
+                        log::info("SIGHUP: nothing to reload (xensockd has no configuration file); still serving");
+                        continue;
+                    }
                     log::info("signal {}: stopping", strsignal(static_cast<int>(info.ssi_signo)));
                     co_return;
                 }
@@ -190,6 +203,9 @@ int main(int argc, char** argv) {
         control.close();
         engine.stop();
         if (!pid_file.empty()) ::unlink(pid_file.c_str());
+    } catch (const daemon::ControlSocketInUse& e) {
+        log::error("{}", e.what());
+        return kExitAlreadyRunning;
     } catch (const std::exception& e) {
         log::error("{}", e.what());
         return kExitFailure;

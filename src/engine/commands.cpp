@@ -368,7 +368,7 @@ rt::Task<void> Session::kill_socket(Connection& c, uint64_t sockid) {
     sock.fd.reset();
     // The entry stays (with its ring mapped) until the guest releases it, so
     // its sockid keeps answering; a killed socket cannot be used again.
-    sock.kind = SocketKind::closing;
+    sock.kind_before_kill = std::exchange(sock.kind, SocketKind::closing);
     sock.killed = true;
 }
 

@@ -124,7 +124,9 @@ rt::Task<void> pump_socket_to_guest(rt::Reactor& reactor, DataRing& ring, int fd
         if (n == -ECANCELED) co_return;
         if (n <= 0) {
             // Every byte received is already published; now the error.
-            ring.intf.set_in_error(n == 0 ? -ENOTCONN : guest_error(n));
+            const int32_t err = n == 0 ? -ENOTCONN : guest_error(n);
+            ring.intf.set_in_error(err);
+            counters.count_ring_error(SessionCounters::RingHalf::in, err);
             ring.notify_guest();
             co_return;
         }
@@ -169,6 +171,7 @@ rt::Task<void> pump_guest_to_socket(rt::Reactor& reactor, DataRing& ring, int fd
         if (n == -ECANCELED) co_return;
         if (n < 0) {
             ring.intf.set_out_error(guest_error(n));
+            counters.count_ring_error(SessionCounters::RingHalf::out, guest_error(n));
             ring.notify_guest();
             co_return;
         }

@@ -152,6 +152,7 @@ struct Socket {
     std::unique_ptr<DataRing> ring;
     sockaddr_in local{}, remote{};
     bool killed = false;  // by the operator; only RELEASE is left to do
+    SocketKind kind_before_kill = SocketKind::fresh;  // what `list` shows for a killed socket
 
     Socket(rt::Reactor& r, uint64_t sockid, const rt::CancelToken& parent) : id(sockid), cancel(parent), tasks(r) {}
 };
@@ -166,11 +167,19 @@ struct SessionCounters {
     Counter ring_full_stalls, ring_empty_waits;
     Counter guest_protocol_errors;  // bad indexes, bad ring orders, bad refs
     Counter quota_refusals;
-    std::mutex errors_mutex;        // errno -> count; cold path only
-    std::map<int, uint64_t> errors_by_errno;
+    std::mutex errors_mutex;        // guards the maps below; cold path only
+    std::map<int, uint64_t> errors_by_errno;  // command errors: errno -> count
+    // Host socket errors passed to the guest in a data ring's in_error
+    // (receiving) or out_error (sending): errno -> count.
+    std::map<int, uint64_t> ring_errors_in, ring_errors_out;
     void count_error(int negative_errno) {
         std::lock_guard lock(errors_mutex);
         ++errors_by_errno[negative_errno];
+    }
+    enum class RingHalf { in, out };
+    void count_ring_error(RingHalf half, int negative_errno) {
+        std::lock_guard lock(errors_mutex);
+        ++(half == RingHalf::in ? ring_errors_in : ring_errors_out)[negative_errno];
     }
 };
 
@@ -260,7 +269,12 @@ struct Worker {
     EngineShared& shared;
     unsigned index;
     std::thread thread;
-    rt::Reactor* reactor = nullptr;  // lives on the worker's stack
+    // Lives on the worker's stack while it runs. The worker's own thread
+    // uses it freely; other threads go through post(), which holds
+    // reactor_mutex, and the worker clears it under that lock before the
+    // reactor goes away (on every way out of main).
+    rt::Reactor* reactor = nullptr;
+    std::mutex reactor_mutex;
     std::unique_ptr<platform::EventChannel> evtchn;
     std::unique_ptr<platform::GrantMapper> mapper;
     std::unique_ptr<platform::XenStore> xs;
@@ -274,6 +288,9 @@ struct Worker {
 
     Worker(EngineShared& s, unsigned i) : shared(s), index(i) {}
     void main(std::promise<void> ready);
+    // Any thread: runs fn on this worker's thread. False (fn dropped) if the
+    // worker is not running: not started yet, stopped, or failed.
+    bool post(std::function<void()> fn);
     rt::Task<void> event_channel_pump();
     rt::Task<void> xenstore_pump();
     void dispatch_watch_events();
