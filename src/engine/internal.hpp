@@ -141,7 +141,9 @@ struct DataRing final : PortListener {
 };
 
 // ------------------------------------------------------------------ sockets
-enum class SocketKind { reserved, fresh, connecting, active, bound, listening, closing };
+// failed: the host socket is gone (could not be recreated after a failed
+// CONNECT); only RELEASE is left to do.
+enum class SocketKind { reserved, fresh, connecting, active, bound, listening, closing, failed };
 std::string_view kind_name(SocketKind k);
 
 struct Socket {
@@ -296,6 +298,13 @@ struct Worker {
     rt::CancelSource pumps_stop;  // then the event pumps
     TaskCounter* session_tasks = nullptr;
     std::unique_ptr<rt::Event> rescan;  // worker 0: re-read the backend directories
+    // Released sockets still delivering their queued bytes, by guest. Per
+    // worker is per guest: a guest's sessions all live on one worker.
+    struct Lingering {
+        uint32_t sockets = 0;
+        uint64_t bytes = 0;
+    };
+    std::unordered_map<DomId, Lingering> lingering;
 
     Worker(EngineShared& s, unsigned i) : shared(s), index(i) {}
     void main(std::promise<void> ready);

@@ -25,6 +25,12 @@ struct EngineConfig {
     uint32_t max_sockets_per_guest = 4096;
     // How long RELEASE keeps delivering what the guest queued before closing.
     std::chrono::milliseconds linger = std::chrono::seconds(30);
+    // Released sockets still delivering queued bytes, per guest (domid): at
+    // most this many, holding at most this many bytes. A RELEASE beyond
+    // either resets that connection (RST) instead, counted as a quota
+    // refusal: a guest cannot pile up descriptors and copies by churning.
+    uint32_t max_lingering_sockets_per_guest = 64;
+    uint64_t max_lingering_bytes_per_guest = uint64_t{16} << 20;
     std::vector<const wire::ProtocolProfile*> profiles;
 };
 
