@@ -338,6 +338,9 @@ rt::Task<int> Session::cmd_release(Connection& c, const wire::Request& req) {
     sock.kind = SocketKind::closing;
     sock.killed = false;
     sock.cancel.cancel();
+    // A pending ACCEPT/POLL answers before we do: its TaskGuard's exit wakes
+    // us through the ready queue (never inline), and it responds with no
+    // co_await in between. Keep it that way.
     co_await sock.tasks.wait_idle();
 
     std::unique_ptr<Socket> owned = std::move(c.sockets[req.sockid]);
