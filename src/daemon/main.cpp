@@ -74,6 +74,8 @@ int main(int argc, char** argv) {
     unsigned max_ring_order = 6;
     unsigned workers = std::max(1u, std::min(4u, std::thread::hardware_concurrency()));
     uint32_t max_sockets = 4096;
+    uint32_t max_lingering_sockets = 64;
+    uint64_t max_lingering_bytes = uint64_t{16} << 20;
     std::string control_path;
     std::string pid_file;
     std::string level_text = "info";
@@ -91,6 +93,13 @@ int main(int argc, char** argv) {
     app.add_option("--max-sockets-per-guest", max_sockets, "Sockets one guest may hold at once")
         ->capture_default_str()
         ->check(CLI::Range(1u, 1u << 20));
+    app.add_option("--max-lingering-sockets-per-guest", max_lingering_sockets,
+                   "Released sockets of one guest still delivering queued bytes; beyond, RELEASE resets")
+        ->capture_default_str()
+        ->check(CLI::Range(0u, 1u << 20));
+    app.add_option("--max-lingering-bytes-per-guest", max_lingering_bytes,
+                   "Queued bytes one guest's released sockets may still hold; beyond, RELEASE resets")
+        ->capture_default_str();
     app.add_option("--control", control_path,
                    "Control socket path (default /run/xensock/control; on sim DIR/control)");
     app.add_option("--pid-file", pid_file, "Write the pid here once serving");
@@ -111,6 +120,8 @@ int main(int argc, char** argv) {
     config.max_ring_order = max_ring_order;
     config.workers = workers;
     config.max_sockets_per_guest = max_sockets;
+    config.max_lingering_sockets_per_guest = max_lingering_sockets;
+    config.max_lingering_bytes_per_guest = max_lingering_bytes;
     for (const auto& name : split_list(protocols)) {
         const auto* profile = wire::find_profile(name);
         if (!profile) {

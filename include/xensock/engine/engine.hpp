@@ -30,6 +30,12 @@ struct EngineConfig {
     // How long a control-plane request (list, kill) waits for a worker
     // before it answers that the worker is not responding.
     std::chrono::milliseconds control_timeout = std::chrono::seconds(5);
+    // Released sockets still delivering queued bytes, per guest (domid): at
+    // most this many, holding at most this many bytes. A RELEASE beyond
+    // either resets that connection (RST) instead, counted as a quota
+    // refusal: a guest cannot pile up descriptors and copies by churning.
+    uint32_t max_lingering_sockets_per_guest = 64;
+    uint64_t max_lingering_bytes_per_guest = uint64_t{16} << 20;
     std::vector<const wire::ProtocolProfile*> profiles;
 };
 
