@@ -32,8 +32,8 @@ constexpr int kExitUsage = 2;
 constexpr int kExitNoPlatform = 3;
 constexpr int kExitAlreadyRunning = 4;
 
-// Every guest socket is a descriptor of ours (on sim two more: the event
-// channel's socket and its pin), so take all the descriptors we are allowed:
+// Every guest socket is a descriptor of ours (on sim one more: its event
+// channel's socket), so take all the descriptors we are allowed:
 // the soft limit up to the hard one, as servers do.
 void raise_descriptor_limit() {
     rlimit lim{};

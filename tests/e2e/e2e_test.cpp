@@ -1086,7 +1086,8 @@ TEST_CASE("data: 1000 sockets at once in one guest, then none left behind") {
         });
         env.attach(11, *profile);
         const size_t baseline_fds = env.daemon_fd_count();
-        const pid_t guest = spawn_guest(env, 11, *profile, [=](Guest& g, rt::Reactor&) -> rt::Task<int> {
+        const std::string root = env.root();
+        const pid_t guest = spawn_guest(env, 11, *profile, [=](Guest& g, rt::Reactor& r) -> rt::Task<int> {
             std::vector<uint64_t> ids(static_cast<size_t>(sockets));
             RingOptions smallest;  // the protocol's smallest ring
             smallest.order = g.profile().min_ring_order();
@@ -1103,9 +1104,21 @@ TEST_CASE("data: 1000 sockets at once in one guest, then none left behind") {
                 GCHECK_EQ(co_await g.recv_exact(ids[i], std::span(&b, 1), 20s), 1);
                 GCHECK_EQ(static_cast<unsigned>(b), i & 0xFF);
             }
+            mark(root, "all-open");
+            GCHECK(co_await wait_mark(r, root, "counted"));
             for (auto id : ids) GCHECK_EQ(co_await g.release(id), 0);
             co_return 0;
         });
+        // With all of them open: on sim a connection costs xensockd its host
+        // socket and its data ring's event-channel socket, nothing more (the
+        // slack is the guest's own: command ring port, mem and gnttab files).
+        REQUIRE(eventually([&] { return marked(root, "all-open"); }, 120s));
+        const size_t open_fds = env.daemon_fd_count();
+        MESSAGE("xensockd descriptors for ", sockets, " connections: ", open_fds - baseline_fds, " beyond ",
+                baseline_fds);
+        CHECK(open_fds >= baseline_fds + 2 * static_cast<size_t>(sockets));
+        CHECK(open_fds <= baseline_fds + 2 * static_cast<size_t>(sockets) + 8);
+        mark(root, "counted");
         CHECK(SimEnv::wait_child(guest, 120s) == 0);
         CHECK(SimEnv::wait_child(host) == 0);
         ::close(lfd);

@@ -13,6 +13,24 @@
 // names, DIR/dom<dom>/evtchn/<port>. So every datagram we send leaves from
 // the sending port's own bound socket.
 //
+// Where we send, and what that costs in descriptors (xensockd holds one port
+// per guest socket, so this is per connection):
+// - A port bound with bind_interdomain() (the backend side) knows its peer
+//   from the start and never changes it. Its socket is connect()ed to the
+//   peer's socket before it is even bound: one descriptor per port, sends
+//   are plain send(), and the kernel refuses (EPERM) a datagram to it from
+//   any socket but the peer's, on top of our own sender check. What the
+//   peer can queue on it is bounded by the peer's send buffer rather than
+//   by net.unix.max_dgram_qlen (Linux skips that limit when the receiver is
+//   connected to the sender); kMaxDrainPerPort bounds our work either way.
+// - A port bound with bind_unbound() (the frontend side) must take a BIND
+//   from whatever socket a restarted backend sends it from, so it stays
+//   unconnected (a connected socket would refuse that BIND) and reaches its
+//   peer through a pin (see PeerPin): two descriptors per port, in the guest.
+// Either way a peer that replaces its socket file (by a symlink to another
+// socket, say /dev/log) cannot redirect what we send: the socket we reach
+// is fixed when the peer becomes known.
+//
 // BIND and CLOSE are never dropped for a full queue: the sender retries
 // for up to a second. Neither retry holds up the thread, which serves every
 // other port of the handle: bind_interdomain() waits on the caller's reactor
@@ -55,7 +73,9 @@ using Clock = std::chrono::steady_clock;
 // many recv() per port and pending() call. What is left keeps the socket
 // readable and is handled on the next call, so a burst of more than this
 // many datagrams shows up as two events, which owners (who treat an event
-// as "look again") cannot tell from one.
+// as "look again") cannot tell from one. (An unconnected port never holds
+// more than net.unix.max_dgram_qlen + 1 datagrams; a connected one holds
+// what fits in its peer's send buffer: a few hundred by default.)
 constexpr size_t kMaxDrainPerPort = 256;
 constexpr int kMaxEvents = 256;
 // epoll data of the wake eventfd and of the CLOSE retry timer; ports are
@@ -102,6 +122,12 @@ void warn_noexcept(fmt::format_string<Args...> f, Args&&... args) noexcept {
     } catch (...) {
     }
 }
+
+// A send to the peer failed because its socket is gone: its file is gone
+// (ENOENT), nobody is bound to it any more (ECONNREFUSED), or, on a
+// connected port, an earlier send found that out (ENOTCONN: on that
+// ECONNREFUSED the kernel disconnected our socket).
+bool peer_vanished(int err) noexcept { return err == ECONNREFUSED || err == ENOENT || err == ENOTCONN; }
 
 // True if nobody is bound at `a` (a socket file left by a dead process).
 bool stale_socket(const SocketAddress& a) noexcept {
@@ -163,25 +189,37 @@ int write_offer(const std::string& path, DomId remote) noexcept {
     return 0;
 }
 
-// The remote end. Its socket is pinned when the peer becomes known: we send
-// to /proc/self/fd/<node>, which reaches that socket inode whatever its path
-// becomes later (a peer that re-creates its socket is a new incarnation and
-// must BIND again).
+// The socket of a remote end, pinned: an O_PATH descriptor of the socket
+// file, found without following any symlink (open_evtchn_entry), and the
+// address /proc/self/fd/<fd>, which reaches that socket whatever its path
+// becomes later. Connecting to, or sending to, that address follows no name
+// the peer controls.
+struct PeerPin {
+    UniqueFd node;  // O_PATH
+    SocketAddress address;
+};
+
+std::optional<PeerPin> pin_peer(const std::string& root, DomId dom, Port port) noexcept {
+    PeerPin pin{open_evtchn_entry(root, dom, std::to_string(port), O_PATH, S_IFSOCK), {}};
+    if (!pin.node) return std::nullopt;
+    try {
+        pin.address = socket_address("/proc/self/fd/" + std::to_string(pin.node.get()));
+    } catch (...) {
+        return std::nullopt;  // out of memory
+    }
+    return pin;
+}
+
+// The remote end of a port.
 struct Peer {
     DomId dom = 0;
     Port port = 0;
     std::string path;  // port_path(): the address its datagrams come from
-    UniqueFd node;     // O_PATH
-    SocketAddress address;
+    // Only on a port whose socket is not connected to the peer (the
+    // frontend side): what we send to. A peer that re-creates its socket is
+    // a new incarnation and must BIND again.
+    std::optional<PeerPin> pin;
 };
-
-std::optional<Peer> resolve_peer(const std::string& root, DomId dom, Port port) {
-    Peer peer{dom, port, port_path(root, dom, port),
-              open_evtchn_entry(root, dom, std::to_string(port), O_PATH, S_IFSOCK), {}};
-    if (!peer.node) return std::nullopt;
-    peer.address = socket_address("/proc/self/fd/" + std::to_string(peer.node.get()));
-    return peer;
-}
 
 // The path a received datagram's sender is bound to; empty for an unnamed
 // (never bound) or abstract socket.
@@ -251,7 +289,10 @@ protected:
     void unbind(Port local) noexcept override;
 
 private:
-    Result<std::unique_ptr<PortState>> open_port();
+    // A fresh local port; with `peer`, its socket is connected there first.
+    Result<std::unique_ptr<PortState>> open_port(const SocketAddress* peer = nullptr);
+    // Sends one datagram to the port's peer, once; the errno otherwise.
+    int send_to_peer(PortState& ps, EvOp op) noexcept;
     // One attempt; EAGAIN if the peer's queue is full.
     Status try_send_control(PortState& ps, EvOp op) noexcept;
     // Moves an unbound port whose CLOSE got EAGAIN to closing_; false if
@@ -278,7 +319,7 @@ private:
 SimEventChannel::SimEventChannel(std::shared_ptr<Context> ctx) : ctx_(std::move(ctx)) {
     epoll_ = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
     if (!epoll_) throw std::system_error(errno, std::generic_category(), "sim evtchn: epoll_create1");
-    // Peers are reached through /proc/self/fd (see Peer).
+    // Peers are reached through /proc/self/fd (see PeerPin).
     if (::access("/proc/self/fd", X_OK) != 0) {
         throw std::system_error(errno, std::generic_category(), "sim evtchn: /proc/self/fd (is /proc mounted?)");
     }
@@ -316,7 +357,7 @@ SimEventChannel::~SimEventChannel() {
     if (bad_datagrams_ != 0) log::debug("sim evtchn: ignored {} bad datagrams", bad_datagrams_);
 }
 
-Result<std::unique_ptr<PortState>> SimEventChannel::open_port() {
+Result<std::unique_ptr<PortState>> SimEventChannel::open_port(const SocketAddress* peer) {
     // A port number held by a live socket of some other process of this
     // domain (which should not exist) stays allocated and is skipped.
     for (int attempt = 0; attempt < 64; ++attempt) {
@@ -324,6 +365,13 @@ Result<std::unique_ptr<PortState>> SimEventChannel::open_port() {
         if (!port) return Errno{ENOSPC};
         UniqueFd sock(::socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
         if (!sock) {
+            const int err = errno;
+            ctx_->ports.release(*port);
+            return Errno{err};
+        }
+        // Connected before it is bound: there is no moment at which its
+        // path takes datagrams from anyone but the peer.
+        if (peer != nullptr && ::connect(sock.get(), as_sockaddr(*peer), peer->len) != 0) {
             const int err = errno;
             ctx_->ports.release(*port);
             return Errno{err};
@@ -365,13 +413,20 @@ rt::Task<Result<BoundPort>> SimEventChannel::do_bind_interdomain(rt::Reactor& re
     if (remote > kMaxDomId || remote_port == 0 || remote_port > kMaxPort) co_return Errno{EINVAL};
     const std::optional<DomId> offered = read_offer(ctx_->root, remote, remote_port);
     if (!offered || *offered != ctx_->self) co_return Errno{EINVAL};
-    std::optional<Peer> peer = resolve_peer(ctx_->root, remote, remote_port);
-    if (!peer) co_return Errno{EINVAL};  // no socket there (or not one we may use)
-
-    auto opened = open_port();
-    if (!opened) co_return Errno{opened.error()};
+    Result<std::unique_ptr<PortState>> opened = Errno{EINVAL};
+    {
+        // Pinned only for as long as the connect takes: from then on the
+        // connected socket is what holds on to the peer's.
+        const std::optional<PeerPin> pin = pin_peer(ctx_->root, remote, remote_port);
+        if (!pin) co_return Errno{EINVAL};  // no socket there (or not one we may use)
+        opened = open_port(&pin->address);
+    }
+    if (!opened) {
+        // ECONNREFUSED: a socket file nobody is bound to, no longer on offer.
+        co_return Errno{opened.error() == ECONNREFUSED ? EINVAL : opened.error()};
+    }
     std::unique_ptr<PortState> owned = std::move(opened.value());
-    owned->peer = std::move(peer);
+    owned->peer = Peer{remote, remote_port, port_path(ctx_->root, remote, remote_port), std::nullopt};
     PortState& ps = *owned;
     const Port local = ps.port;
     // Listed at once, though nobody holds it yet: its socket is in the epoll
@@ -407,7 +462,7 @@ rt::Task<Result<BoundPort>> SimEventChannel::do_bind_interdomain(rt::Reactor& re
         log::debug("sim evtchn: BIND to domain {} port {} failed: {}", remote, remote_port, errno_text(err));
         ports_.erase(local);  // the BIND never arrived: no CLOSE owed
         // Its socket vanished: the port is no longer on offer.
-        co_return Errno{err == ENOENT || err == ECONNREFUSED ? EINVAL : err};
+        co_return Errno{peer_vanished(err) ? EINVAL : err};
     }
     co_return BoundPort(this, local);
 }
@@ -448,25 +503,18 @@ Status SimEventChannel::notify(Port local) {
     // unbound port.
     if (!ps.peer || ps.peer_gone) return Status::success();
 
-    const EvDatagram d = encode(EvOp::notify, ctx_->self, ps.port);
-    for (;;) {
-        const ssize_t n = ::sendto(ps.sock.get(), &d, sizeof d, MSG_DONTWAIT | MSG_NOSIGNAL,
-                                   as_sockaddr(ps.peer->address), ps.peer->address.len);
-        if (n == static_cast<ssize_t>(sizeof d)) return Status::success();
-        const int err = n < 0 ? errno : EIO;
-        if (err == EINTR) continue;
-        // A full queue: the peer has events pending and will look anyway.
-        if (err == EAGAIN || err == EWOULDBLOCK) return Status::success();
-        if (err == ECONNREFUSED || err == ENOENT) {
-            // The peer died without a CLOSE (killed): treat it as one, so
-            // the owner gets an event and later notifies are dropped.
-            ps.peer_gone = true;
-            fire(ps);
-            wake();
-            return Status::success();
-        }
-        return Errno{err};
+    const int err = send_to_peer(ps, EvOp::notify);
+    // A full queue: the peer has events pending and will look anyway.
+    if (err == 0 || err == EAGAIN) return Status::success();
+    if (peer_vanished(err)) {
+        // The peer died without a CLOSE (killed): treat it as one, so the
+        // owner gets an event and later notifies are dropped.
+        ps.peer_gone = true;
+        fire(ps);
+        wake();
+        return Status::success();
     }
+    return Errno{err};
 }
 
 void SimEventChannel::pending(std::vector<Port>& fired) {
@@ -507,7 +555,7 @@ void SimEventChannel::unbind(Port local) noexcept {
             ports_.erase(it);  // now owned by closing_
             return;
         }
-        if (!sent && sent.error() != ENOENT && sent.error() != ECONNREFUSED) {
+        if (!sent && !peer_vanished(sent.error())) {
             warn_noexcept("sim evtchn: CLOSE from port {} to domain {} port {} failed: {}", ps.port, ps.peer->dom,
                           ps.peer->port, errno_text(sent.error()));
         }
@@ -516,16 +564,31 @@ void SimEventChannel::unbind(Port local) noexcept {
 }
 
 Status SimEventChannel::try_send_control(PortState& ps, EvOp op) noexcept {
+    const int err = send_to_peer(ps, op);
+    if (err == 0) return Status::success();
+    return Errno{err};
+}
+
+int SimEventChannel::send_to_peer(PortState& ps, EvOp op) noexcept {
     const Peer& peer = *ps.peer;
     const EvDatagram d = encode(op, ctx_->self, ps.port);
+    bool reported_pending_error = false;
     for (;;) {
         // From the port's own socket: the peer checks where it comes from.
-        const ssize_t n = ::sendto(ps.sock.get(), &d, sizeof d, MSG_DONTWAIT | MSG_NOSIGNAL,
-                                   as_sockaddr(peer.address), peer.address.len);
-        if (n == static_cast<ssize_t>(sizeof d)) return Status::success();
+        const ssize_t n =
+            peer.pin ? ::sendto(ps.sock.get(), &d, sizeof d, MSG_DONTWAIT | MSG_NOSIGNAL,
+                                as_sockaddr(peer.pin->address), peer.pin->address.len)
+                     : ::send(ps.sock.get(), &d, sizeof d, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n == static_cast<ssize_t>(sizeof d)) return 0;
         const int err = n < 0 ? errno : EIO;
         if (err == EINTR) continue;
-        return Errno{err == EWOULDBLOCK ? EAGAIN : err};
+        // The socket's pending error (see drain()), reported instead of
+        // sending and cleared: nothing was sent, try once more.
+        if (err == ECONNRESET && !reported_pending_error) {
+            reported_pending_error = true;
+            continue;
+        }
+        return err == EWOULDBLOCK ? EAGAIN : err;
     }
 }
 
@@ -557,7 +620,7 @@ void SimEventChannel::retry_closes() noexcept {
                           "full for {} ms", ps.port, ps.peer->dom, ps.peer->port,
                           std::chrono::milliseconds(kControlRetryFor).count());
             done = true;
-        } else if (!sent && sent.error() != EAGAIN && sent.error() != ENOENT && sent.error() != ECONNREFUSED) {
+        } else if (!sent && sent.error() != EAGAIN && !peer_vanished(sent.error())) {
             warn_noexcept("sim evtchn: CLOSE from port {} to domain {} port {} failed: {}", ps.port, ps.peer->dom,
                           ps.peer->port, errno_text(sent.error()));
         }
@@ -588,7 +651,11 @@ void SimEventChannel::drain(PortState& ps) {
         const ssize_t n = ::recvfrom(ps.sock.get(), &raw, sizeof raw, MSG_DONTWAIT | MSG_TRUNC,
                                      reinterpret_cast<sockaddr*>(&from), &from_len);
         if (n < 0) {
-            if (errno == EINTR) continue;
+            // ECONNRESET: the socket's pending error, reported once and then
+            // cleared; what is queued is still there. A peer raises it on a
+            // connected port by connecting its own socket to ours and away
+            // again with datagrams in its queue. It means nothing to us.
+            if (errno == EINTR || errno == ECONNRESET) continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
                 log::debug("sim evtchn: recv on port {}: {}", ps.port, errno_text(errno));
             }
@@ -618,8 +685,8 @@ void SimEventChannel::handle(PortState& ps, const EvDatagram& d, std::string_vie
         if (sender.empty() || sender != port_path(ctx_->root, d.dom, d.port)) {
             return bad_datagram(ps, "BIND not sent from the socket it names");
         }
-        if (std::optional<Peer> peer = resolve_peer(ctx_->root, d.dom, d.port)) {
-            ps.peer = std::move(peer);
+        if (std::optional<PeerPin> pin = pin_peer(ctx_->root, d.dom, d.port)) {
+            ps.peer = Peer{d.dom, d.port, port_path(ctx_->root, d.dom, d.port), std::move(pin)};
             ps.peer_gone = false;
             return;
         }
