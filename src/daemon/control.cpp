@@ -2,6 +2,7 @@
 
 #include "xensock/util/log.hpp"
 #include "xensock/util/result.hpp"
+#include "xensock/wire/profile.hpp"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -60,6 +61,49 @@ json error_answer(std::string_view code, std::string text) {
     return {{"ok", false}, {"error", std::move(text)}, {"code", code}};
 }
 
+json sessions_json(const std::vector<engine::SessionRef>& refs) {
+    json out = json::array();
+    for (const auto& r : refs) out.push_back({{"domid", r.domid}, {"protocol", r.protocol}, {"devid", r.devid}});
+    return out;
+}
+
+// "domid 5 (pvcalls devid 1)": the target as the operator named it.
+std::string target_text(const engine::KillTarget& t) {
+    std::string out = fmt::format("domid {}", t.domid);
+    if (t.protocol && t.devid) out += fmt::format(" ({} devid {})", *t.protocol, *t.devid);
+    else if (t.protocol) out += fmt::format(" ({})", *t.protocol);
+    else if (t.devid) out += fmt::format(" (devid {})", *t.devid);
+    return out;
+}
+
+json kill_answer(engine::Engine& engine, const engine::KillTarget& target) {
+    const auto result = engine.kill(target);
+    using Outcome = engine::KillResult::Outcome;
+    switch (result.outcome) {
+        case Outcome::done: {
+            json answer{{"ok", true}, {"sessions", sessions_json(result.sessions)}};
+            if (target.sockid) answer["sockid"] = *target.sockid;
+            return answer;
+        }
+        case Outcome::not_found:
+            return error_answer("not_found", target.sockid
+                                                 ? fmt::format("no socket {} in {}", *target.sockid, target_text(target))
+                                                 : fmt::format("no session for {}", target_text(target)));
+        case Outcome::ambiguous: {
+            std::string names;
+            for (const auto& r : result.sessions)
+                names += fmt::format("{}{} devid {}", names.empty() ? "" : ", ", r.protocol, r.devid);
+            json answer = error_answer(
+                "ambiguous", fmt::format("socket {} is in more than one session of {}: {}; name one with \"protocol\" "
+                                         "(and \"devid\")",
+                                         *target.sockid, target_text(target), names));
+            answer["sessions"] = sessions_json(result.sessions);
+            return answer;
+        }
+    }
+    return error_answer("internal", "unknown kill outcome");
+}
+
 // Daemon-wide sums over the sessions in `sessions` (counters by name).
 json totals_json(const json& sessions) {
     uint64_t active = 0, passive = 0, to_guest = 0, from_guest = 0;
@@ -80,8 +124,8 @@ json totals_json(const json& sessions) {
 }
 }  // namespace
 
-json ControlServer::handle(engine::Engine& engine, const json& request,
-                           std::chrono::steady_clock::time_point started) {
+namespace {
+json handle_request(engine::Engine& engine, const json& request, std::chrono::steady_clock::time_point started) {
     if (!request.is_object() || !request.contains("op") || !request["op"].is_string())
         return error_answer("usage", "request must be a JSON object with a string 'op'");
     const std::string op = request["op"];
@@ -107,29 +151,85 @@ json ControlServer::handle(engine::Engine& engine, const json& request,
         json answer{{"ok", true}, {"sessions", sessions}};
         if (op == "stats") {
             answer["totals"] = totals_json(sessions);
+            // "sessions": every session served, also when `domid` filtered them.
             answer["daemon"] = {
                 {"pid", ::getpid()},
+                {"sessions", engine.session_count()},
                 {"uptime_seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count()}};
         }
         return answer;
     }
     if (op == "kill") {
         if (domid < 0) return error_answer("usage", "kill needs 'domid'");
-        std::optional<uint64_t> sockid;
+        engine::KillTarget target;
+        target.domid = static_cast<unsigned>(domid);
         if (request.contains("sockid")) {
             if (!request["sockid"].is_number_unsigned())
                 return error_answer("usage", "'sockid' must be an unsigned number");
-            sockid = request["sockid"].get<uint64_t>();
+            target.sockid = request["sockid"].get<uint64_t>();
         }
-        auto st = engine.kill(static_cast<unsigned>(domid), sockid);
-        if (!st) {
-            return error_answer("not_found", sockid ? fmt::format("no socket {} in domid {}", *sockid, domid)
-                                                    : fmt::format("no session for domid {}", domid));
+        if (request.contains("protocol")) {
+            const auto& p = request["protocol"];
+            if (!p.is_string() || !wire::find_profile(p.get<std::string>()))
+                return error_answer("usage", "'protocol' must be \"xensock\" or \"pvcalls\"");
+            target.protocol = p.get<std::string>();
         }
-        return {{"ok", true}};
+        if (request.contains("devid")) {
+            const auto& v = request["devid"];
+            if (!v.is_number_unsigned() || v.get<uint64_t>() > UINT32_MAX)
+                return error_answer("usage", "'devid' must be an unsigned 32-bit number");
+            target.devid = v.get<unsigned>();
+        }
+        return kill_answer(engine, target);
     }
     return error_answer("usage", fmt::format("unknown op '{}' (known: list, stats, kill)", op));
 }
+}  // namespace
+
+json ControlServer::handle(engine::Engine& engine, const json& request,
+                           std::chrono::steady_clock::time_point started) {
+    try {
+        return handle_request(engine, request, started);
+    } catch (const engine::WorkerUnavailable& e) {
+        log::error("control: {}", e.what());
+        return error_answer("internal", e.what());
+    }
+}
+
+namespace {
+// Before binding `path`: if a daemon answers there, refuse to take its place;
+// if the file is a socket nobody listens on (a daemon that died), remove it.
+void replace_stale_socket(const std::string& path, const sockaddr_un& addr) {
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) {
+        if (errno == ENOENT) return;
+        throw_errno(errno, fmt::format("control socket {}", path));
+    }
+    if (!S_ISSOCK(st.st_mode))
+        throw std::runtime_error(
+            fmt::format("control socket path {} exists and is not a socket: remove it or choose another --control",
+                        path));
+    const int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (probe < 0) throw_errno(errno, "control socket probe");
+    const int rc = ::connect(probe, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+    const int err = errno;
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    const bool have_pid = rc == 0 && ::getsockopt(probe, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0;
+    ::close(probe);
+    if (rc == 0) {
+        throw ControlSocketInUse(fmt::format(
+            "another xensockd{} is already serving {}: stop it first (systemctl stop xensockd), or give this one "
+            "another --control path",
+            have_pid ? fmt::format(" (pid {})", cred.pid) : std::string(), path));
+    }
+    if (err != ECONNREFUSED)
+        throw std::runtime_error(fmt::format("cannot tell whether another xensockd serves {}: connect: {}", path,
+                                             std::strerror(err)));
+    log::info("removing stale control socket {} (nothing listens on it)", path);
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) throw_errno(errno, fmt::format("unlink {}", path));
+}
+}  // namespace
 
 ControlServer::ControlServer(rt::Reactor& reactor, engine::Engine& engine, std::string path)
     : reactor_(reactor), engine_(engine), path_(std::move(path)), idle_(std::make_unique<rt::Event>(reactor)) {
@@ -142,13 +242,13 @@ ControlServer::ControlServer(rt::Reactor& reactor, engine::Engine& engine, std::
         std::filesystem::create_directories(dir, ec);
         if (!ec) ::chmod(dir.c_str(), 0700);
     }
-    listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (listen_fd_ < 0) throw_errno(errno, "control socket");
     addr.sun_family = AF_UNIX;
     std::memcpy(addr.sun_path, path_.c_str(), path_.size());
-    ::unlink(path_.c_str());
+    replace_stale_socket(path_, addr);
+    listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (listen_fd_ < 0) throw_errno(errno, "control socket");
     // Owner-only from the first instant: no window where others may connect.
-    const mode_t old_mask = ::umask(0077);
+    const mode_t old_mask = ::umask(0177);
     const int rc = ::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
     ::umask(old_mask);
     if (rc < 0 || ::listen(listen_fd_, 16) < 0) {
@@ -156,6 +256,9 @@ ControlServer::ControlServer(rt::Reactor& reactor, engine::Engine& engine, std::
         ::close(listen_fd_);
         throw_errno(err, fmt::format("cannot listen on control socket {}", path_));
     }
+    // Counted from now, not from its first step: close() may come before
+    // the reactor ever ran it (the engine failed to start).
+    ++clients_;
     reactor_.spawn(accept_loop());
     log::info("control socket at {}", path_);
 }
@@ -179,7 +282,6 @@ void ControlServer::close() {
 }
 
 rt::Task<void> ControlServer::accept_loop() {
-    ++clients_;
     const auto token = stop_.token();
     while (!token.cancelled()) {
         const int fd = co_await reactor_.accept(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC, token);
@@ -191,6 +293,14 @@ rt::Task<void> ControlServer::accept_loop() {
         socklen_t len = sizeof cred;
         if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0 || (cred.uid != 0 && cred.uid != ::geteuid())) {
             log::warn("control: refused a client with uid {}", cred.uid);
+            // Say why, without waiting for its request: closing alone would
+            // reach it as a bare "connection reset" (its request is unread).
+            const std::string refusal =
+                error_answer("permission", fmt::format("xensockd serves only root and uid {}, not uid {}",
+                                                       ::geteuid(), cred.uid))
+                    .dump() +
+                "\n";
+            (void)::send(fd, refusal.data(), refusal.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
             ::close(fd);
             continue;
         }

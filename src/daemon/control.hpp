@@ -4,9 +4,13 @@
 //
 // Requests:  {"op": "list",  ["domid": D], ["sockets": true]}
 //            {"op": "stats", ["domid": D]}   list + "totals" + "daemon"
-//            {"op": "kill",  "domid": D, ["sockid": S]}
+//            {"op": "kill",  "domid": D, ["protocol": P], ["devid": V], ["sockid": S]}
 // Answers:   {"ok": true, ...} or {"ok": false, "error": TEXT, "code": CODE}
-//            with CODE "usage" (malformed request) or "not_found".
+//            with CODE "usage" (malformed request), "not_found",
+//            "ambiguous" (kill: the sockid is in several sessions; "sessions"
+//            lists them), "permission" (the client's uid is neither root nor
+//            ours; sent without reading the request) or "internal" (e.g. a
+//            worker is not responding).
 #pragma once
 
 #include "xensock/engine/engine.hpp"
@@ -15,13 +19,22 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <stdexcept>
 #include <string>
 
 namespace xensock::daemon {
 
+// Another xensockd answers on the control socket: this one must not start.
+class ControlSocketInUse : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
 class ControlServer {
 public:
-    // Throws std::system_error naming the path if it cannot listen.
+    // Throws ControlSocketInUse if a daemon already answers on `path` (a
+    // stale socket file nobody listens on is replaced), std::system_error
+    // or std::runtime_error naming the path if it cannot listen.
     ControlServer(rt::Reactor& reactor, engine::Engine& engine, std::string path);
     ~ControlServer();
     void close();

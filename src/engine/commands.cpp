@@ -17,6 +17,12 @@
 //   ACCEPT/POLL on a socket that is not listening -EINVAL; ACCEPT's new
 //           sockid in use -EEXIST; pending ACCEPT/POLL when the listening
 //           socket is released or killed: -EBADF, answered before RELEASE.
+//   CONNECT while a connect is in progress -EALREADY; after a failed port
+//           bind (the host connection is reset, a fresh host socket takes its
+//           place) the guest may CONNECT again; if that socket cannot be
+//           made, later CONNECTs get -ECONNABORTED.
+//   RELEASE with queued bytes beyond the guest's lingering budget: the
+//           connection is reset (RST), a quota refusal; RELEASE answers 0.
 #include "internal.hpp"
 
 #include "xensock/util/log.hpp"
@@ -39,6 +45,7 @@ std::string_view kind_name(SocketKind k) {
         case SocketKind::bound: return "bound";
         case SocketKind::listening: return "listening";
         case SocketKind::closing: return "closing";
+        case SocketKind::failed: return "failed";
     }
     return "?";
 }
@@ -68,6 +75,15 @@ int new_host_socket(FileDescriptor& out) {
     const int one = 1;
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     return 0;
+}
+
+// Closes a connected host socket with an RST (SO_LINGER 0) rather than a
+// FIN: the peer must not mistake an aborted connection for an orderly end.
+void abort_connection(FileDescriptor& fd) {
+    if (!fd) return;
+    const linger reset{1, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+    fd.reset();
 }
 
 // Runs `task` as a child of `counter` (the socket's or the connection's), so
@@ -129,7 +145,9 @@ rt::Task<int> Session::cmd_connect(Connection& c, const wire::Request& req) {
     if (it == c.sockets.end() || it->second->kind == SocketKind::reserved) co_return -EBADF;
     Socket& sock = *it->second;
     if (sock.killed) co_return -ECONNRESET;
+    if (sock.kind == SocketKind::failed) co_return -ECONNABORTED;
     if (sock.kind == SocketKind::active) co_return -EISCONN;
+    if (sock.kind == SocketKind::connecting) co_return -EALREADY;
     if (sock.kind != SocketKind::fresh) co_return -EINVAL;
     sockaddr_in addr{};
     if (int rc = parse_guest_address(req, addr); rc < 0) co_return rc;
@@ -155,9 +173,17 @@ rt::Task<int> Session::cmd_connect(Connection& c, const wire::Request& req) {
     }
 
     // Bind the guest's port last: on sim the BIND goes out before our reply.
-    auto port = worker.evtchn->bind_interdomain(key.domid, req.evtchn);
+    auto port = co_await worker.evtchn->bind_interdomain(*worker.reactor, key.domid, req.evtchn, sock.cancel.token());
+    if (sock.cancel.cancelled()) co_return -EBADF;  // released or killed meanwhile
     if (!port) {
-        sock.kind = SocketKind::fresh;
+        // The host connection exists, but the guest's ring never will: abort
+        // the connection and start over with a fresh host socket, as if the
+        // connect had failed (the guest may CONNECT again).
+        log::warn("dom{} connect sockid {}: cannot bind event channel {}: {}", key.domid, req.sockid, req.evtchn,
+                  errno_text(port.error()));
+        counters.guest_protocol_errors.add();
+        abort_connection(sock.fd);
+        sock.kind = new_host_socket(sock.fd) == 0 ? SocketKind::fresh : SocketKind::failed;
         co_return -port.error();
     }
     (*ring)->port = std::move(port.value());
@@ -260,8 +286,12 @@ rt::Task<int> Session::cmd_accept(Connection& c, const wire::Request& req) {
         co_return fd == -ECANCELED ? -EBADF : fd;
     }
     FileDescriptor conn_fd(fd);
-    auto port = worker.evtchn->bind_interdomain(key.domid, req.evtchn);
+    auto port = co_await worker.evtchn->bind_interdomain(*worker.reactor, key.domid, req.evtchn, c.cancel.token());
     if (!port) {
+        log::warn("dom{} accept sockid {}: cannot bind event channel {}: {}", key.domid, new_id, req.evtchn,
+                  errno_text(port.error()));
+        counters.guest_protocol_errors.add();
+        abort_connection(conn_fd);  // the client sees a reset, not an empty session
         unreserve();
         co_return -port.error();
     }
@@ -309,6 +339,9 @@ rt::Task<int> Session::cmd_release(Connection& c, const wire::Request& req) {
     sock.kind = SocketKind::closing;
     sock.killed = false;
     sock.cancel.cancel();
+    // A pending ACCEPT/POLL answers before we do: its TaskGuard's exit wakes
+    // us through the ready queue (never inline), and it responds with no
+    // co_await in between. Keep it that way.
     co_await sock.tasks.wait_idle();
 
     std::unique_ptr<Socket> owned = std::move(c.sockets[req.sockid]);
@@ -319,16 +352,35 @@ rt::Task<int> Session::cmd_release(Connection& c, const wire::Request& req) {
         owned->ring.reset();  // unmap and unbind before the reply
     }
     if (!unsent.empty()) {
+        const auto& cfg = worker.shared.config;
+        Worker::Lingering& budget = worker.lingering[key.domid];
+        if (budget.sockets >= cfg.max_lingering_sockets_per_guest ||
+            unsent.size() > cfg.max_lingering_bytes_per_guest - std::min(budget.bytes, cfg.max_lingering_bytes_per_guest)) {
+            // Over this guest's budget for bytes still on their way: drop
+            // them, and let the peer know (RST) rather than fake an orderly
+            // end of stream.
+            log::info("dom{} release sockid {}: {} queued bytes dropped, connection reset ({} sockets / {} bytes "
+                      "of this guest still lingering)",
+                      key.domid, req.sockid, unsent.size(), budget.sockets, budget.bytes);
+            if (budget.sockets == 0) worker.lingering.erase(key.domid);
+            counters.quota_refusals.add();
+            abort_connection(owned->fd);
+            co_return 0;
+        }
+        ++budget.sockets;
+        budget.bytes += unsent.size();
         // Deliver the tail, then close, like close(2) with data still in the
         // send buffer. The bytes and the socket now belong to the worker, not
         // to the session: a guest that exits right after RELEASE (the common
         // case) must not cut its own last bytes off. Bounded by the linger
-        // time; only the daemon stopping ends it sooner.
+        // time and by the guest's lingering budget; only the daemon stopping
+        // ends it sooner.
         worker.session_tasks->enter();
-        auto deliver = [](rt::Reactor& r, FileDescriptor fd, std::vector<std::byte> bytes, rt::CancelToken token,
-                          std::chrono::milliseconds linger, TaskCounter& count) -> rt::Task<void> {
+        auto deliver = [](Worker& w, DomId domid, FileDescriptor fd, std::vector<std::byte> bytes) -> rt::Task<void> {
+            rt::Reactor& r = *w.reactor;
+            const rt::CancelToken token = w.stopping.token();
             size_t sent = 0;
-            const auto deadline = std::chrono::steady_clock::now() + linger;
+            const auto deadline = std::chrono::steady_clock::now() + w.shared.config.linger;
             while (sent < bytes.size() && !token.cancelled()) {
                 const auto left = deadline - std::chrono::steady_clock::now();
                 if (left <= std::chrono::nanoseconds(0)) break;
@@ -338,13 +390,18 @@ rt::Task<int> Session::cmd_release(Connection& c, const wire::Request& req) {
                 if (n <= 0) break;
                 sent += static_cast<size_t>(n);
             }
-            if (sent < bytes.size())
+            if (sent < bytes.size()) {
                 log::info("released socket: {} of {} queued bytes not delivered (linger bound or daemon stopping)",
                           bytes.size() - sent, bytes.size());
-            count.leave();
+                abort_connection(fd);
+            }
+            if (auto it = w.lingering.find(domid); it != w.lingering.end()) {
+                it->second.bytes -= std::min<uint64_t>(it->second.bytes, bytes.size());
+                if (--it->second.sockets == 0) w.lingering.erase(it);
+            }
+            w.session_tasks->leave();
         };
-        worker.reactor->spawn(deliver(*worker.reactor, std::move(owned->fd), std::move(unsent),
-                                      worker.stopping.token(), worker.shared.config.linger, *worker.session_tasks));
+        worker.reactor->spawn(deliver(worker, key.domid, std::move(owned->fd), std::move(unsent)));
     }
     co_return 0;
 }
@@ -367,7 +424,7 @@ rt::Task<void> Session::kill_socket(Connection& c, uint64_t sockid) {
     sock.fd.reset();
     // The entry stays (with its ring mapped) until the guest releases it, so
     // its sockid keeps answering; a killed socket cannot be used again.
-    sock.kind = SocketKind::closing;
+    sock.kind_before_kill = std::exchange(sock.kind, SocketKind::closing);
     sock.killed = true;
 }
 

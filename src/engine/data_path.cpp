@@ -84,6 +84,18 @@ unsigned ring_iovecs(std::byte* base, uint32_t size, uint32_t index, uint32_t le
     return 2;
 }
 
+// The guest broke the ring protocol (an index more than a ring away): the
+// whole socket fails, both halves and the host connection, and the sibling
+// pump stops too. Only this socket is affected.
+void fail_socket(DataRing& ring, int fd, rt::CancelSource& both, SessionCounters& counters) {
+    counters.guest_protocol_errors.add();
+    ring.intf.set_in_error(-EINVAL);
+    ring.intf.set_out_error(-EINVAL);
+    ring.notify_guest();
+    ::shutdown(fd, SHUT_RDWR);
+    both.cancel();
+}
+
 // Errors go to the guest as negative errnos; never EAGAIN (the protocol
 // forbids it), and a peer's orderly shutdown is -ENOTCONN.
 int32_t guest_error(int negative_errno) {
@@ -92,17 +104,16 @@ int32_t guest_error(int negative_errno) {
 }
 
 // --------------------------------------------------- socket -> guest (in)
-rt::Task<void> pump_socket_to_guest(rt::Reactor& reactor, DataRing& ring, int fd, rt::CancelToken token,
+rt::Task<void> pump_socket_to_guest(rt::Reactor& reactor, DataRing& ring, int fd, rt::CancelSource& both,
                                     SessionCounters& counters) {
+    const rt::CancelToken token = both.token();
     while (!token.cancelled()) {
         // Read the guest's consumer index once, then validate it.
         const uint32_t cons = ring.intf.in_cons();
         const int64_t queued = wire::ring_queued(ring.in_prod, cons, ring.size);
         if (queued < 0) {
             log::warn("guest put in_cons {} more than a ring from in_prod {}: socket failed", cons, ring.in_prod);
-            counters.guest_protocol_errors.add();
-            ring.intf.set_in_error(-EINVAL);
-            ring.notify_guest();
+            fail_socket(ring, fd, both, counters);
             co_return;
         }
         const uint32_t space = ring.size - static_cast<uint32_t>(queued);
@@ -123,8 +134,13 @@ rt::Task<void> pump_socket_to_guest(rt::Reactor& reactor, DataRing& ring, int fd
         const int n = co_await reactor.recvmsg(fd, &msg, 0, token);
         if (n == -ECANCELED) co_return;
         if (n <= 0) {
-            // Every byte received is already published; now the error.
-            ring.intf.set_in_error(n == 0 ? -ENOTCONN : guest_error(n));
+            // Every byte received is already published; now the error. Not
+            // when cancelled meanwhile: a protocol error's shutdown ends a
+            // pending recv with 0, and its -EINVAL must stay.
+            if (token.cancelled()) co_return;
+            const int32_t err = n == 0 ? -ENOTCONN : guest_error(n);
+            ring.intf.set_in_error(err);
+            counters.count_ring_error(SessionCounters::RingHalf::in, err);
             ring.notify_guest();
             co_return;
         }
@@ -138,8 +154,9 @@ rt::Task<void> pump_socket_to_guest(rt::Reactor& reactor, DataRing& ring, int fd
 }
 
 // --------------------------------------------------- guest -> socket (out)
-rt::Task<void> pump_guest_to_socket(rt::Reactor& reactor, DataRing& ring, int fd, rt::CancelToken token,
+rt::Task<void> pump_guest_to_socket(rt::Reactor& reactor, DataRing& ring, int fd, rt::CancelSource& both,
                                     SessionCounters& counters) {
+    const rt::CancelToken token = both.token();
     while (!token.cancelled()) {
         ring.guest_produced.reset();
         // Read the guest's producer index once, then validate it.
@@ -147,9 +164,7 @@ rt::Task<void> pump_guest_to_socket(rt::Reactor& reactor, DataRing& ring, int fd
         const int64_t queued = wire::ring_queued(prod, ring.out_cons, ring.size);
         if (queued < 0) {
             log::warn("guest put out_prod {} more than a ring from out_cons {}: socket failed", prod, ring.out_cons);
-            counters.guest_protocol_errors.add();
-            ring.intf.set_out_error(-EINVAL);
-            ring.notify_guest();
+            fail_socket(ring, fd, both, counters);
             co_return;
         }
         if (queued == 0) {
@@ -168,7 +183,9 @@ rt::Task<void> pump_guest_to_socket(rt::Reactor& reactor, DataRing& ring, int fd
         const int n = co_await reactor.sendmsg(fd, &msg, MSG_NOSIGNAL, token);
         if (n == -ECANCELED) co_return;
         if (n < 0) {
+            if (token.cancelled()) co_return;  // as above: keep a protocol error's -EINVAL
             ring.intf.set_out_error(guest_error(n));
+            counters.count_ring_error(SessionCounters::RingHalf::out, guest_error(n));
             ring.notify_guest();
             co_return;
         }
@@ -184,19 +201,21 @@ rt::Task<void> pump_guest_to_socket(rt::Reactor& reactor, DataRing& ring, int fd
 
 }  // namespace
 
-// Both directions run concurrently; each ends on its own error, and both end
-// when the socket is released or the session torn down (token).
+// Both directions run concurrently; each ends on its own socket error (the
+// other direction goes on: half-close), both end on a guest protocol error,
+// and both end when the socket is released or the session torn down (token).
 rt::Task<void> serve_data_ring(rt::Reactor& reactor, DataRing& ring, int fd, rt::CancelToken token,
                                SessionCounters& counters) {
+    rt::CancelSource both(token);
     TaskCounter pumps(reactor);
     auto run = [](TaskCounter& count, rt::Task<void> pump) -> rt::Task<void> {
         co_await std::move(pump);
         count.leave();
     };
     pumps.enter();
-    reactor.spawn(run(pumps, pump_socket_to_guest(reactor, ring, fd, token, counters)));
+    reactor.spawn(run(pumps, pump_socket_to_guest(reactor, ring, fd, both, counters)));
     pumps.enter();
-    reactor.spawn(run(pumps, pump_guest_to_socket(reactor, ring, fd, token, counters)));
+    reactor.spawn(run(pumps, pump_guest_to_socket(reactor, ring, fd, both, counters)));
     co_await pumps.wait_idle();
 }
 

@@ -6,6 +6,7 @@
 
 #include <arpa/inet.h>
 
+#include <algorithm>
 #include <future>
 
 namespace xensock::engine {
@@ -59,13 +60,13 @@ void Engine::start() {
 void Engine::stop() {
     auto& shared = impl_->shared;
     for (auto& w : shared.workers) {
-        if (w->thread.joinable() && w->reactor) {
-            Worker* worker = w.get();
-            w->reactor->post([worker] {
-                worker->stopping.cancel();
-                worker->reactor->stop();
-            });
-        }
+        if (!w->thread.joinable()) continue;
+        Worker* worker = w.get();
+        // A worker that already ended (failed) takes nothing; join it anyway.
+        (void)w->post([worker] {
+            worker->stopping.cancel();
+            worker->reactor->stop();
+        });
     }
     for (auto& w : shared.workers)
         if (w->thread.joinable()) w->thread.join();
@@ -86,21 +87,53 @@ std::string format_address(const sockaddr_in& a) {
     return fmt::format("{}:{}", text, ntohs(a.sin_port));
 }
 
-// Runs fn on the worker's thread and waits for its result.
-template <typename Fn>
-auto on_worker(Worker& w, Fn fn) -> decltype(fn()) {
-    using R = decltype(fn());
-    std::promise<R> done;
-    auto result = done.get_future();
-    w.reactor->post([&] {
-        try {
-            done.set_value(fn());
-        } catch (...) {
-            done.set_exception(std::current_exception());
+// A question to one worker, asked from a control thread. The posted closure
+// owns the promise and everything fn captured (by value): if we stop
+// waiting, the worker may still run it later, or drop it unrun.
+template <typename R>
+class WorkerCall {
+public:
+    template <typename Fn>
+    WorkerCall(Worker& w, Fn fn) : worker_(w), state_(std::make_shared<State>()) {
+        result_ = state_->done.get_future();
+        const bool posted = w.post([state = state_, fn = std::move(fn)]() mutable {
+            if (state->abandoned.load()) return;  // the control side gave up: do nothing late
+            try {
+                state->done.set_value(fn());
+            } catch (...) {
+                state->done.set_exception(std::current_exception());
+            }
+        });
+        if (!posted)
+            throw WorkerUnavailable(fmt::format("worker {} is not running (it failed or is stopping; see xensockd's log)",
+                                                w.index));
+    }
+
+    // Waits until `deadline` at most.
+    R get(std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds bound) {
+        if (result_.wait_until(deadline) != std::future_status::ready) {
+            state_->abandoned = true;
+            throw WorkerUnavailable(fmt::format("worker {} is not responding (no answer within {} ms): the guests "
+                                                "it serves may be stuck; see xensockd's log",
+                                                worker_.index, bound.count()));
         }
-    });
-    return result.get();
-}
+        try {
+            return result_.get();
+        } catch (const std::future_error&) {  // dropped unrun: the worker ended meanwhile
+            throw WorkerUnavailable(fmt::format("worker {} stopped before answering (see xensockd's log)",
+                                                worker_.index));
+        }
+    }
+
+private:
+    struct State {
+        std::promise<R> done;
+        std::atomic<bool> abandoned{false};
+    };
+    Worker& worker_;
+    std::shared_ptr<State> state_;
+    std::future<R> result_;
+};
 }  // namespace
 
 SessionInfo Session::info(bool with_sockets) const {
@@ -129,18 +162,26 @@ SessionInfo Session::info(bool with_sockets) const {
     {
         std::lock_guard lock(const_cast<SessionCounters&>(counters).errors_mutex);
         for (const auto& [err, n] : counters.errors_by_errno) out.counters.emplace_back(fmt::format("errno_{}", -err), n);
+        for (const auto& [err, n] : counters.ring_errors_in)
+            out.counters.emplace_back(fmt::format("ring_errors_in_errno_{}", -err), n);
+        for (const auto& [err, n] : counters.ring_errors_out)
+            out.counters.emplace_back(fmt::format("ring_errors_out_errno_{}", -err), n);
     }
     if (!conn) return out;
     for (const auto& [id, sock] : conn->sockets) {
         const bool active = sock->ring != nullptr;
+        auto passive = [](SocketKind k) { return k == SocketKind::listening || k == SocketKind::bound; };
         // A killed socket keeps its ring until the guest releases it, but
-        // its host socket is gone: it no longer counts as active.
+        // its host socket is gone: it no longer counts as active (nor as
+        // passive: nothing listens any more).
         if (active && !sock->killed) ++out.active_sockets;
-        else if (sock->kind == SocketKind::listening || sock->kind == SocketKind::bound) ++out.passive_sockets;
+        else if (passive(sock->kind)) ++out.passive_sockets;
         if (!with_sockets || sock->kind == SocketKind::reserved) continue;
         SocketInfo si;
         si.sockid = id;
-        si.kind = active ? "active" : (sock->kind == SocketKind::listening || sock->kind == SocketKind::bound) ? "passive" : "new";
+        // A killed socket is `closing` now; show what it was.
+        const SocketKind shown = sock->killed ? sock->kind_before_kill : sock->kind;
+        si.kind = active ? "active" : passive(shown) ? "passive" : "new";
         si.state = sock->killed ? "killed" : std::string(kind_name(sock->kind));
         si.local = format_address(sock->local);
         si.remote = format_address(sock->remote);
@@ -160,54 +201,84 @@ SessionInfo Session::info(bool with_sockets) const {
 }
 
 std::vector<SessionInfo> Engine::list(bool with_sockets, int only_domid) {
-    std::vector<SessionInfo> all;
+    const auto bound = impl_->shared.config.control_timeout;
+    // Ask every worker first, then wait for all of them against one deadline.
+    std::vector<WorkerCall<std::vector<SessionInfo>>> calls;
+    calls.reserve(impl_->shared.workers.size());
     for (auto& w : impl_->shared.workers) {
-        if (!w->reactor) continue;
-        auto part = on_worker(*w, [&] {
+        calls.emplace_back(*w, [worker = w.get(), with_sockets, only_domid] {
             std::vector<SessionInfo> v;
-            for (const auto& [key, s] : w->sessions)
+            for (const auto& [key, s] : worker->sessions)
                 if (only_domid < 0 || static_cast<int>(key.domid) == only_domid) v.push_back(s->info(with_sockets));
             return v;
         });
-        for (auto& s : part) all.push_back(std::move(s));
     }
+    const auto deadline = std::chrono::steady_clock::now() + bound;
+    std::vector<SessionInfo> all;
+    for (auto& call : calls)
+        for (auto& s : call.get(deadline, bound)) all.push_back(std::move(s));
     std::sort(all.begin(), all.end(), [](const SessionInfo& a, const SessionInfo& b) {
         return std::tie(a.domid, a.protocol, a.devid) < std::tie(b.domid, b.protocol, b.devid);
     });
     return all;
 }
 
-Status Engine::kill(unsigned domid, std::optional<uint64_t> sockid) {
+KillResult Engine::kill(const KillTarget& target) {
     auto& shared = impl_->shared;
-    if (shared.workers.empty()) return Errno{ENOENT};
-    Worker& w = shared.worker_for(domid);
-    const int rc = on_worker(w, [&]() -> int {
-        int found = ENOENT;
-        for (auto& [key, s] : w.sessions) {
-            if (key.domid != domid) continue;
-            Session& session = *s;
-            if (!sockid) {
-                session.kill_requested = true;
-                session.xenstore_changed.set();
-                found = 0;
-                continue;
-            }
-            if (!session.conn) continue;
-            auto it = session.conn->sockets.find(*sockid);
-            if (it == session.conn->sockets.end() || it->second->kind == SocketKind::reserved) continue;
-            Connection& c = *session.conn;
-            c.tasks.enter();
-            auto run = [](Session& s, Connection& c, uint64_t id) -> rt::Task<void> {
-                co_await s.kill_socket(c, id);
-                c.tasks.leave();
-            };
-            w.reactor->spawn(run(session, c, *sockid));
-            found = 0;
+    if (shared.workers.empty()) return {};
+    Worker& w = shared.worker_for(target.domid);
+    WorkerCall<KillResult> call(w, [worker = &w, target] {
+        KillResult result;
+        // The sessions the target names (all of one domid live on one worker).
+        std::vector<Session*> matching;
+        for (auto& [key, s] : worker->sessions) {
+            if (key.domid != target.domid) continue;
+            if (target.protocol && key.protocol != *target.protocol) continue;
+            if (target.devid && key.devid != *target.devid) continue;
+            matching.push_back(s.get());
         }
-        return found;
+        auto ref = [](const Session& s) { return SessionRef{s.key.domid, s.key.devid, s.key.protocol}; };
+        if (!target.sockid) {
+            for (Session* s : matching) {
+                s->kill_requested = true;
+                s->xenstore_changed.set();
+                result.sessions.push_back(ref(*s));
+            }
+            result.outcome = matching.empty() ? KillResult::Outcome::not_found : KillResult::Outcome::done;
+            return result;
+        }
+        // One socket: it must be in exactly one of the sessions, or the
+        // operator has to say which (a sockid is only unique per session).
+        std::vector<Session*> having;
+        for (Session* s : matching) {
+            if (!s->conn) continue;
+            auto it = s->conn->sockets.find(*target.sockid);
+            if (it != s->conn->sockets.end() && it->second->kind != SocketKind::reserved) having.push_back(s);
+        }
+        for (Session* s : having) result.sessions.push_back(ref(*s));
+        if (having.size() > 1) {
+            result.outcome = KillResult::Outcome::ambiguous;
+            return result;
+        }
+        if (having.empty()) return result;  // not_found
+        Session& session = *having.front();
+        Connection& c = *session.conn;
+        c.tasks.enter();
+        auto run = [](Session& s, Connection& c, uint64_t id) -> rt::Task<void> {
+            co_await s.kill_socket(c, id);
+            c.tasks.leave();
+        };
+        worker->reactor->spawn(run(session, c, *target.sockid));
+        result.outcome = KillResult::Outcome::done;
+        return result;
     });
-    if (rc != 0) return Errno{rc};
-    return {};
+    const auto bound = shared.config.control_timeout;
+    return call.get(std::chrono::steady_clock::now() + bound, bound);
+}
+
+bool Engine::run_on_worker_for_testing(unsigned index, std::function<void()> fn) {
+    auto& workers = impl_->shared.workers;
+    return index < workers.size() && workers[index]->post(std::move(fn));
 }
 
 }  // namespace xensock::engine

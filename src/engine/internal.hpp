@@ -24,6 +24,7 @@
 #include <memory>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -140,7 +141,9 @@ struct DataRing final : PortListener {
 };
 
 // ------------------------------------------------------------------ sockets
-enum class SocketKind { reserved, fresh, connecting, active, bound, listening, closing };
+// failed: the host socket is gone (could not be recreated after a failed
+// CONNECT); only RELEASE is left to do.
+enum class SocketKind { reserved, fresh, connecting, active, bound, listening, closing, failed };
 std::string_view kind_name(SocketKind k);
 
 struct Socket {
@@ -152,6 +155,7 @@ struct Socket {
     std::unique_ptr<DataRing> ring;
     sockaddr_in local{}, remote{};
     bool killed = false;  // by the operator; only RELEASE is left to do
+    SocketKind kind_before_kill = SocketKind::fresh;  // what `list` shows for a killed socket
 
     Socket(rt::Reactor& r, uint64_t sockid, const rt::CancelToken& parent) : id(sockid), cancel(parent), tasks(r) {}
 };
@@ -166,11 +170,19 @@ struct SessionCounters {
     Counter ring_full_stalls, ring_empty_waits;
     Counter guest_protocol_errors;  // bad indexes, bad ring orders, bad refs
     Counter quota_refusals;
-    std::mutex errors_mutex;        // errno -> count; cold path only
-    std::map<int, uint64_t> errors_by_errno;
+    std::mutex errors_mutex;        // guards the maps below; cold path only
+    std::map<int, uint64_t> errors_by_errno;  // command errors: errno -> count
+    // Host socket errors passed to the guest in a data ring's in_error
+    // (receiving) or out_error (sending): errno -> count.
+    std::map<int, uint64_t> ring_errors_in, ring_errors_out;
     void count_error(int negative_errno) {
         std::lock_guard lock(errors_mutex);
         ++errors_by_errno[negative_errno];
+    }
+    enum class RingHalf { in, out };
+    void count_ring_error(RingHalf half, int negative_errno) {
+        std::lock_guard lock(errors_mutex);
+        ++(half == RingHalf::in ? ring_errors_in : ring_errors_out)[negative_errno];
     }
 };
 
@@ -198,7 +210,12 @@ struct Connection final : PortListener {
     rt::CancelSource cancel;
     TaskCounter tasks;
     std::unordered_map<uint64_t, std::unique_ptr<Socket>> sockets;
+    // The frontend corrupted the command ring: serve_commands stopped, and
+    // the session tears the whole connection down (see reconcile).
     bool ring_broken = false;
+    // The frontend was seen Connected on this connection: seeing it at
+    // Initialised again means it reset (whatever its new ring looks like).
+    bool frontend_was_connected = false;
 
     Connection(Session& s, rt::Reactor& r, const rt::CancelToken& parent)
         : session(s), kicked(r), cancel(parent), tasks(r) {}
@@ -214,6 +231,13 @@ struct SessionKey {
     auto operator<=>(const SessionKey&) const = default;
 };
 
+// A connect attempt that failed, and what the frontend said when it did: the
+// session stays Closing (with its `error` node) until the frontend moves.
+struct ConnectFailure {
+    int frontend_state = 0;
+    std::optional<wire::FrontendParams> params;  // nullopt: they were unreadable
+};
+
 struct Session {
     Worker& worker;
     const wire::ProtocolProfile& profile;
@@ -223,6 +247,11 @@ struct Session {
     rt::CancelSource life;  // cancelled by `kill` or daemon stop
     bool kill_requested = false;
     std::unique_ptr<Connection> conn;
+    wire::FrontendParams conn_params;             // what `conn` was made from
+    std::optional<ConnectFailure> connect_failure;
+    // The toolstack removed our directory: a backend write found it gone
+    // (and did not recreate it). The session ends.
+    bool device_removed = false;
     std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
     std::atomic<int> backend_state{0}, frontend_state{0};
     SessionCounters counters;
@@ -232,8 +261,15 @@ struct Session {
 
     // session.cpp
     rt::Task<void> reconcile(bool& ended);
+    rt::Task<void> reconcile_states();
     rt::Task<void> disconnect();
-    Status connect(std::string& why);
+    rt::Task<Status> connect(const wire::FrontendParams& params, std::string& why);
+    void fail_connection(int frontend_state, std::optional<wire::FrontendParams> params, const std::string& why);
+    // Every backend write goes through here: one transaction that first
+    // checks that backend_path still exists, so that a write racing with the
+    // toolstack's removal never recreates the directory. Returns false (and
+    // sets device_removed) if it is gone.
+    bool write_backend(const wire::NodeList& nodes, const std::vector<std::string>& remove = {});
     void publish_backend_nodes();
     void write_state(int state);
     rt::Task<void> serve_commands(Connection& c);
@@ -260,7 +296,12 @@ struct Worker {
     EngineShared& shared;
     unsigned index;
     std::thread thread;
-    rt::Reactor* reactor = nullptr;  // lives on the worker's stack
+    // Lives on the worker's stack while it runs. The worker's own thread
+    // uses it freely; other threads go through post(), which holds
+    // reactor_mutex, and the worker clears it under that lock before the
+    // reactor goes away (on every way out of main).
+    rt::Reactor* reactor = nullptr;
+    std::mutex reactor_mutex;
     std::unique_ptr<platform::EventChannel> evtchn;
     std::unique_ptr<platform::GrantMapper> mapper;
     std::unique_ptr<platform::XenStore> xs;
@@ -271,9 +312,19 @@ struct Worker {
     rt::CancelSource pumps_stop;  // then the event pumps
     TaskCounter* session_tasks = nullptr;
     std::unique_ptr<rt::Event> rescan;  // worker 0: re-read the backend directories
+    // Released sockets still delivering their queued bytes, by guest. Per
+    // worker is per guest: a guest's sessions all live on one worker.
+    struct Lingering {
+        uint32_t sockets = 0;
+        uint64_t bytes = 0;
+    };
+    std::unordered_map<DomId, Lingering> lingering;
 
     Worker(EngineShared& s, unsigned i) : shared(s), index(i) {}
     void main(std::promise<void> ready);
+    // Any thread: runs fn on this worker's thread. False (fn dropped) if the
+    // worker is not running: not started yet, stopped, or failed.
+    bool post(std::function<void()> fn);
     rt::Task<void> event_channel_pump();
     rt::Task<void> xenstore_pump();
     void dispatch_watch_events();

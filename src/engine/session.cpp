@@ -46,38 +46,65 @@ void Connection::on_event() {
     kicked.set();
 }
 
+bool Session::write_backend(const wire::NodeList& nodes, const std::vector<std::string>& remove) {
+    if (device_removed) return false;
+    bool gone = false;
+    std::string failed;
+    auto st = worker.xs->transaction([&](platform::XenStore& t) {
+        gone = !t.read(backend_path).has_value();
+        if (gone) return false;
+        for (const auto& node : remove) (void)t.rm(backend_path + "/" + node);  // absent is fine
+        for (const auto& [node, value] : nodes) {
+            if (Status w = t.write(backend_path + "/" + node, value); !w) {
+                failed = fmt::format("{}: {}", node, errno_text(w.error()));
+                return false;
+            }
+        }
+        return true;
+    });
+    if (gone) {
+        log::info("dom{} {}: backend directory {} removed; session ends", key.domid, key.protocol, backend_path);
+        device_removed = true;
+        return false;
+    }
+    if (!st)
+        log::warn("dom{} {}: cannot write backend nodes ({}): {}", key.domid, key.protocol,
+                  failed.empty() ? "transaction" : failed, errno_text(st.error()));
+    return st.ok();
+}
+
 void Session::write_state(int state) {
-    backend_state = state;
-    auto st = worker.xs->write(backend_path + "/state", std::to_string(state));
-    if (!st) log::warn("dom{} {}: cannot write backend state {}: {}", key.domid, key.protocol, state, errno_text(st.error()));
+    if (write_backend({{"state", std::to_string(state)}})) backend_state = state;
 }
 
 void Session::publish_backend_nodes() {
-    auto& xs = *worker.xs;
-    const auto nodes = profile.backend_nodes(worker.shared.config.max_ring_order);
-    auto st = xs.transaction([&](platform::XenStore& t) {
-        for (const auto& [node, value] : nodes) (void)t.write(backend_path + "/" + node, value);
-        (void)t.write(backend_path + "/state", std::to_string(InitWait));
-        return true;
-    });
-    if (!st) log::warn("dom{} {}: cannot publish backend nodes: {}", key.domid, key.protocol, errno_text(st.error()));
-    backend_state = InitWait;
+    auto nodes = profile.backend_nodes(worker.shared.config.max_ring_order);
+    nodes.emplace_back("state", std::to_string(InitWait));
+    if (write_backend(nodes)) backend_state = InitWait;
 }
 
 rt::Task<void> Session::run() {
     auto& xs = *worker.xs;
     worker.watchers[watch_token] = this;
+    // However run() ends (an exception too), the worker stops dispatching to us.
+    struct Unlisted {
+        Worker& worker;
+        const std::string& token;
+        ~Unlisted() { worker.watchers.erase(token); }
+    } unlisted{worker, watch_token};
     // Watch single nodes, not whole directories: a guest writing junk under
     // its device directory then costs us nothing (XSA-349).
+    std::vector<platform::Watch> watches;
     for (const auto& node : {frontend_path + "/state", backend_path + "/state", backend_path + "/online"}) {
-        auto st = xs.watch(node, watch_token);
-        if (!st) log::warn("dom{}: cannot watch {}: {}", key.domid, node, errno_text(st.error()));
+        platform::Watch watch(xs, node, watch_token);
+        if (!watch) log::warn("dom{}: cannot watch {}: {}", key.domid, node, errno_text(watch.status().error()));
+        watches.push_back(std::move(watch));
     }
     log::info("dom{} {}: device {} appeared", key.domid, key.protocol, key.devid);
     // Linux's pvcalls frontend reads our nodes when it probes: publish at once.
     if (parse_state(xs.read(backend_path + "/state")).value_or(Unknown) <= Initialising) publish_backend_nodes();
 
-    bool ended = false;
+    bool ended = device_removed;  // removed before we even started
     while (!ended) {
         co_await reconcile(ended);
         if (ended) break;
@@ -85,13 +112,29 @@ rt::Task<void> Session::run() {
     }
     co_await disconnect();
     if (!ended && xs.read(backend_path + "/state")) write_state(Closed);
-    for (const auto& node : {frontend_path + "/state", backend_path + "/state", backend_path + "/online"})
-        (void)xs.unwatch(node, watch_token);
-    worker.watchers.erase(watch_token);
+    watches.clear();  // unwatched now; `unlisted` takes us off the worker's list
     log::info("dom{} {}: session ended", key.domid, key.protocol);
 }
 
 rt::Task<void> Session::reconcile(bool& ended) {
+    co_await reconcile_states();
+    if (device_removed) {
+        co_await disconnect();
+        ended = true;
+    }
+}
+
+namespace {
+bool same_params(const wire::FrontendParams& a, const wire::FrontendParams& b) {
+    return a.ring_ref == b.ring_ref && a.port == b.port;
+}
+bool same_params(const std::optional<wire::FrontendParams>& a, const std::optional<wire::FrontendParams>& b) {
+    if (!a || !b) return !a && !b;
+    return same_params(*a, *b);
+}
+}  // namespace
+
+rt::Task<void> Session::reconcile_states() {
     auto& xs = *worker.xs;
     if (kill_requested) {
         // xensockctl kill: drop everything and tell the frontend to close;
@@ -103,8 +146,7 @@ rt::Task<void> Session::reconcile(bool& ended) {
     }
     const auto backend = parse_state(xs.read(backend_path + "/state"));
     if (!backend) {  // the toolstack removed the device
-        co_await disconnect();
-        ended = true;
+        device_removed = true;
         co_return;
     }
     backend_state = *backend;
@@ -124,6 +166,9 @@ rt::Task<void> Session::reconcile(bool& ended) {
         if (*backend != Closed) write_state(Closed);
         co_return;
     }
+    // A failed connect waits for the frontend to move (another state, or a
+    // new ring): retrying the same bad ring would loop on our own writes.
+    if (connect_failure && connect_failure->frontend_state != *frontend) connect_failure.reset();
 
     switch (*frontend) {
         case Initialising:
@@ -132,31 +177,67 @@ rt::Task<void> Session::reconcile(bool& ended) {
             if (*backend != InitWait) publish_backend_nodes();
             break;
         case Initialised:
-        case Connected:
+        case Connected: {
             if (!conn && *frontend == Connected && *backend != InitWait) {
                 // The frontend believes in a connection we do not have (we
                 // restarted, or killed it): make it reset through Closing.
                 if (*backend != Closing && *backend != Closed) write_state(Closing);
                 break;
             }
-            if (!conn && *backend != InitWait) {
+            std::string why;
+            auto reader = [&](std::string_view node) { return xs.read(frontend_path + "/" + std::string(node)); };
+            auto params = profile.read_frontend(reader, why);
+            const std::optional<wire::FrontendParams> seen =
+                params ? std::optional<wire::FrontendParams>(*params) : std::nullopt;
+            if (conn) {
+                if (*frontend == Connected) conn->frontend_was_connected = true;
+                // A frontend back at Initialised after Connected, or with
+                // another ring, reset while we looked away (its Closing ..
+                // Initialising events coalesced): serve the new ring, not
+                // the old one. (A new incarnation may well reuse the old
+                // ref and port numbers: the state tells it then.)
+                const bool reset = (*frontend == Initialised && conn->frontend_was_connected) ||
+                                   (seen && !same_params(*seen, conn_params));
+                if (!reset) {
+                    if (conn->ring_broken) {
+                        // serve_commands gave up on a corrupted command ring:
+                        // nothing of this connection can be trusted. Tear it
+                        // down (every data ring gets -ECONNRESET) and send the
+                        // frontend through Closing. (A frontend that reset is
+                        // served anew instead: its old ring may read as garbage
+                        // because its memory is gone.)
+                        co_await disconnect();
+                        fail_connection(*frontend, conn_params,
+                                        "frontend put req_prod more than a ring ahead: command ring broken");
+                    }
+                    break;  // still the ring we serve
+                }
+                log::info("dom{} {}: frontend reset while connected (state {}, ring-ref {}, port {}); reconnecting",
+                          key.domid, key.protocol, *frontend, seen ? seen->ring_ref : 0, seen ? seen->port : 0);
+                co_await disconnect();
+                if (device_removed) break;
+            }
+            if (connect_failure && same_params(connect_failure->params, seen)) break;  // stay Closing
+            connect_failure.reset();
+            if (*backend != InitWait && *backend != Connected) {
                 // A frontend that published its ring while we were away:
                 // our nodes first, then take it.
                 publish_backend_nodes();
+                if (device_removed) break;
             }
-            if (!conn) {
-                std::string why;
-                auto st = connect(why);
-                if (st) {
-                    write_state(Connected);
-                    log::info("dom{} {}: connected", key.domid, key.protocol);
-                } else {
-                    log::warn("dom{} {}: cannot connect: {}", key.domid, key.protocol, why);
-                    (void)xs.write(backend_path + "/error", why);
-                    write_state(Closing);
-                }
+            if (!seen) {
+                fail_connection(*frontend, seen, why);
+                break;
+            }
+            if (auto st = co_await connect(*seen, why); st) {
+                // A success clears an earlier failure's explanation.
+                if (write_backend({{"state", std::to_string(Connected)}}, {"error"})) backend_state = Connected;
+                log::info("dom{} {}: connected", key.domid, key.protocol);
+            } else {
+                fail_connection(*frontend, seen, why);
             }
             break;
+        }
         case Closing:
             co_await disconnect();
             if (*backend != Closing && *backend != Closed) write_state(Closing);
@@ -170,22 +251,24 @@ rt::Task<void> Session::reconcile(bool& ended) {
     }
 }
 
-Status Session::connect(std::string& why) {
-    auto& xs = *worker.xs;
-    auto reader = [&](std::string_view node) { return xs.read(frontend_path + "/" + std::string(node)); };
-    auto params = profile.read_frontend(reader, why);
-    if (!params) return Errno{params.error()};
+void Session::fail_connection(int frontend_state_seen, std::optional<wire::FrontendParams> params,
+                              const std::string& why) {
+    log::warn("dom{} {}: cannot connect: {}", key.domid, key.protocol, why);
+    connect_failure = ConnectFailure{frontend_state_seen, params};
+    if (write_backend({{"error", why}, {"state", std::to_string(Closing)}})) backend_state = Closing;
+}
 
-    const platform::GrantRef refs[] = {params->ring_ref};
+rt::Task<Status> Session::connect(const wire::FrontendParams& params, std::string& why) {
+    const platform::GrantRef refs[] = {params.ring_ref};
     auto page = worker.mapper->map(key.domid, refs, /*writable=*/true);
     if (!page) {
-        why = fmt::format("cannot map command ring (ring-ref {}): {}", params->ring_ref, errno_text(page.error()));
-        return Errno{page.error()};
+        why = fmt::format("cannot map command ring (ring-ref {}): {}", params.ring_ref, errno_text(page.error()));
+        co_return Errno{page.error()};
     }
-    auto port = worker.evtchn->bind_interdomain(key.domid, params->port);
+    auto port = co_await worker.evtchn->bind_interdomain(*worker.reactor, key.domid, params.port, life.token());
     if (!port) {
-        why = fmt::format("cannot bind event channel (port {}): {}", params->port, errno_text(port.error()));
-        return Errno{port.error()};
+        why = fmt::format("cannot bind event channel (port {}): {}", params.port, errno_text(port.error()));
+        co_return Errno{port.error()};
     }
     auto c = std::make_unique<Connection>(*this, *worker.reactor, life.token());
     c->ring_page = std::move(page.value());
@@ -193,9 +276,10 @@ Status Session::connect(std::string& why) {
     c->port = std::move(port.value());
     worker.port_listeners[c->port.port()] = c.get();
     conn = std::move(c);
+    conn_params = params;
     conn->tasks.enter();
     worker.reactor->spawn(serve_commands(*conn));
-    return {};
+    co_return Status::success();
 }
 
 rt::Task<void> Session::disconnect() {
@@ -243,6 +327,7 @@ rt::Task<void> Session::serve_commands(Connection& c) {
                       key.protocol);
             counters.guest_protocol_errors.add();
             c.ring_broken = true;
+            xenstore_changed.set();  // the session tears the connection down
             break;
         }
         if (available == 0) {

@@ -11,10 +11,38 @@
 
 namespace xensock::engine {
 
+namespace {
+// Publishes the worker's reactor to other threads for as long as it exists:
+// destroyed before the reactor, also when main() leaves by an exception.
+class PublishedReactor {
+public:
+    PublishedReactor(Worker& w, rt::Reactor& r) : worker_(w) {
+        std::lock_guard lock(worker_.reactor_mutex);
+        worker_.reactor = &r;
+    }
+    ~PublishedReactor() {
+        std::lock_guard lock(worker_.reactor_mutex);
+        worker_.reactor = nullptr;
+    }
+    PublishedReactor(const PublishedReactor&) = delete;
+    PublishedReactor& operator=(const PublishedReactor&) = delete;
+
+private:
+    Worker& worker_;
+};
+}  // namespace
+
+bool Worker::post(std::function<void()> fn) {
+    std::lock_guard lock(reactor_mutex);
+    if (!reactor) return false;
+    reactor->post(std::move(fn));
+    return true;
+}
+
 void Worker::main(std::promise<void> ready) {
     try {
         rt::Reactor reactor;
-        this->reactor = &reactor;
+        PublishedReactor published(*this, reactor);
         evtchn = shared.platform.open_event_channel();
         mapper = shared.platform.open_grant_mapper();
         xs = std::make_unique<platform::XenStore>(shared.platform.xenstored_path());
@@ -48,7 +76,6 @@ void Worker::main(std::promise<void> ready) {
         evtchn.reset();
         session_tasks = nullptr;
         rescan.reset();
-        this->reactor = nullptr;
     } catch (const std::exception& e) {
         try {
             ready.set_exception(std::current_exception());
@@ -141,7 +168,12 @@ rt::Task<void> Worker::watch_backend_roots() {
                     if (&owner == this) {
                         start_session(*profile, d, v);
                     } else {
-                        owner.reactor->post([&owner, profile, d, v] { owner.start_session(*profile, d, v); });
+                        if (!owner.post([&owner, profile, d, v] { owner.start_session(*profile, d, v); })) {
+                            log::error("dom{} {}: worker {} is not running; the device is not served", d,
+                                       profile->name(), owner.index);
+                            std::lock_guard lock(shared.mutex);
+                            shared.live.erase(key);
+                        }
                     }
                 }
             }
@@ -177,8 +209,8 @@ rt::Task<void> Worker::run_session(Session& s) {
     Worker& root = *shared.workers[0];
     if (&root == this) {
         if (rescan) rescan->set();
-    } else if (root.reactor) {
-        root.reactor->post([&root] {
+    } else {
+        (void)root.post([&root] {
             if (root.rescan) root.rescan->set();
         });
     }

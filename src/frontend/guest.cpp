@@ -126,7 +126,19 @@ struct Guest::Socket {
     rt::CancelSource cancel;   // cancelled by release (and by the Guest's)
     std::unique_ptr<DataRing> ring;
     uint64_t bytes_sent = 0, bytes_received = 0;
+    bool shut_rd = false, shut_wr = false;  // shutdown(): local only
 };
+
+namespace {
+// Consumes (and drops) whatever the in half holds: a socket shut for
+// reading must not stall the peer. Returns whether anything was consumed.
+bool discard_in(RingHalves ring) noexcept {
+    std::byte scratch[16384];
+    bool any = false;
+    while (consume_in(ring, scratch) > 0) any = true;
+    return any;
+}
+}  // namespace
 
 // Counts the background loops; close() waits for them to finish. Shared with
 // the loops so that they can finish after the Guest is gone.
@@ -164,8 +176,8 @@ template <typename Pred>
 rt::Task<std::pair<bool, std::optional<std::string>>> Guest::wait_node(const std::string& path_ref, Pred pred,
                                                                         Clock::time_point deadline) {
     const std::string path = path_ref;
-    if (Status w = xs_->watch(path, watch_token_); !w)
-        throw std::runtime_error(fmt::format("cannot watch {}: {}", path, errno_text(w.error())));
+    const platform::Watch watch(*xs_, path, watch_token_);
+    if (!watch) throw std::runtime_error(fmt::format("cannot watch {}: {}", path, errno_text(watch.status().error())));
     std::optional<std::string> value;
     bool ok = false;
     while (true) {
@@ -185,7 +197,6 @@ rt::Task<std::pair<bool, std::optional<std::string>>> Guest::wait_node(const std
         const int rc = co_await op;
         if (rc == -ECANCELED) break;
     }
-    (void)xs_->unwatch(path, watch_token_);
     co_return std::pair{ok, value};
 }
 
@@ -355,7 +366,14 @@ void Guest::dispatch(Port port) {
         drain_responses();
         return;
     }
-    if (auto it = by_port_.find(port); it != by_port_.end()) it->second->event.set();
+    if (auto it = by_port_.find(port); it != by_port_.end()) {
+        Socket& sock = *it->second;
+        if (sock.shut_rd && sock.ring && discard_in(sock.ring->halves)) {
+            ++stats_.data_notifies;
+            (void)sock.ring->port.notify();  // room again: the backend reads on
+        }
+        sock.event.set();
+    }
 }
 
 void Guest::drain_responses() {
@@ -638,8 +656,8 @@ rt::Task<int> Guest::connect(uint64_t id, const sockaddr_in& addr, RingOptions r
     static_assert(sizeof(sockaddr_in) == 16);
     std::memcpy(req.addr.data(), &addr, sizeof addr);
     req.addr_len = sizeof addr;
-    req.ref = ring.value()->intf.refs().at(0);
-    req.evtchn = ring.value()->port.port();
+    req.ref = ring_options.ref_override.value_or(ring.value()->intf.refs().at(0));
+    req.evtchn = ring_options.evtchn_override.value_or(ring.value()->port.port());
     attach_ring(*sock, std::move(ring.value()));
     const SocketState before = sock->state;
     sock->state = SocketState::connecting;
@@ -691,8 +709,8 @@ rt::Task<int> Guest::accept(uint64_t listen_id, uint64_t& new_id, RingOptions ri
     auto sock = new_socket(SocketState::accepting);
     wire::Request req = make_request(wire::Command::accept, listen_id);
     req.new_sockid = sock->id;
-    req.ref = ring.value()->intf.refs().at(0);
-    req.evtchn = ring.value()->port.port();
+    req.ref = ring_options.ref_override.value_or(ring.value()->intf.refs().at(0));
+    req.evtchn = ring_options.evtchn_override.value_or(ring.value()->port.port());
     // Registered now: the backend may produce (and notify) before it answers.
     attach_ring(*sock, std::move(ring.value()));
 
@@ -728,6 +746,23 @@ rt::Task<int> Guest::release(uint64_t id) {
     co_return rc;
 }
 
+int Guest::shutdown(uint64_t id, int how) {
+    auto sock = find(id);
+    if (!sock || sock->state == SocketState::releasing) return -EBADF;
+    if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) return -EINVAL;
+    if (sock->state != SocketState::connected || !sock->ring) return -ENOTCONN;
+    if (how != SHUT_WR) {
+        sock->shut_rd = true;
+        if (discard_in(sock->ring->halves)) {
+            ++stats_.data_notifies;
+            (void)sock->ring->port.notify();
+        }
+    }
+    if (how != SHUT_RD) sock->shut_wr = true;
+    sock->event.set();  // a blocked send()/recv() sees it
+    return 0;
+}
+
 // -------------------------------------------------------------- data path
 
 rt::Task<ssize_t> Guest::send(uint64_t id, std::span<const std::byte> data, std::chrono::milliseconds timeout) {
@@ -740,6 +775,7 @@ rt::Task<ssize_t> Guest::send(uint64_t id, std::span<const std::byte> data, std:
     while (true) {
         if (guest.cancelled()) co_return -ECANCELED;
         if (sock->state == SocketState::releasing) co_return -EBADF;
+        if (sock->shut_wr) co_return -EPIPE;
         if (!sock->ring) co_return -ENOTCONN;
         if (backend_gone_) co_return -ENOTCONN;  // nobody would ever consume it
         const ssize_t n = produce_out(sock->ring->halves, data);
@@ -769,6 +805,7 @@ rt::Task<ssize_t> Guest::recv(uint64_t id, std::span<std::byte> buf, std::chrono
     while (true) {
         if (guest.cancelled()) co_return -ECANCELED;
         if (sock->state == SocketState::releasing) co_return -EBADF;
+        if (sock->shut_rd) co_return 0;  // as recv(2) after shutdown(SHUT_RD)
         if (!sock->ring) co_return -ENOTCONN;
         const ssize_t n = consume_in(sock->ring->halves, buf);
         if (n > 0) {
@@ -853,6 +890,16 @@ std::optional<RingHalves> Guest::data_ring(uint64_t id) const {
     auto sock = find(id);
     if (!sock || !sock->ring) return std::nullopt;
     return sock->ring->halves;
+}
+
+wire::SringHeader* Guest::command_ring_header() const noexcept {
+    return cmd_page_ ? static_cast<wire::SringHeader*>(cmd_page_.data()) : nullptr;
+}
+
+Status Guest::notify_command_ring() {
+    if (!cmd_port_) return Errno{ENOTCONN};
+    ++stats_.command_notifies;
+    return cmd_port_.notify();
 }
 
 Status Guest::notify_socket(uint64_t id) {

@@ -26,7 +26,7 @@ constexpr uint64_t kWakeCompletion = 1;
 
 // Shutdown gives up on operations the kernel has not completed this long
 // after being told to cancel them (a hung device, not a socket).
-constexpr int kShutdownWaitMs = 2000;
+constexpr std::chrono::milliseconds kShutdownWait{2000};
 // ...and on coroutines that keep submitting new operations after each
 // cancellation instead of unwinding.
 constexpr int kShutdownRounds = 1000;
@@ -219,19 +219,30 @@ Reactor::~Reactor() {
             io_uring_sqe* sqe = get_sqe();
             io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
             io_uring_sqe_set_data64(sqe, kIgnoredCompletion);
-            const uint64_t completed = stats_.completed;
-            __kernel_timespec limit{};
-            limit.tv_sec = kShutdownWaitMs / 1000;
-            limit.tv_nsec = (kShutdownWaitMs % 1000) * 1000000LL;
-            io_uring_cqe* unused = nullptr;
-            const int rc = io_uring_submit_and_wait_timeout(&ring_, &unused, 1, &limit, nullptr);
-            if (rc < 0 && rc != -ETIME && rc != -EINTR) {
-                log::error("reactor shutdown: io_uring_submit_and_wait: {}", errno_text(-rc));
-                break;
+            // Progress is an operation ending (in_flight_ going down), not
+            // just any completion: the cancel request's own completion
+            // arrives at once, whether or not anything was cancelled. So
+            // wait, up to the limit, until one of them ends.
+            const size_t before = in_flight_;
+            const auto give_up = std::chrono::steady_clock::now() + kShutdownWait;
+            bool failed = false;
+            while (in_flight_ == before) {
+                const auto left = give_up - std::chrono::steady_clock::now();
+                if (left <= std::chrono::steady_clock::duration::zero()) break;
+                __kernel_timespec limit = to_timespec(left);
+                io_uring_cqe* unused = nullptr;
+                const int rc = io_uring_submit_and_wait_timeout(&ring_, &unused, 1, &limit, nullptr);
+                if (rc < 0 && rc != -ETIME && rc != -EINTR) {
+                    log::error("reactor shutdown: io_uring_submit_and_wait: {}", errno_text(-rc));
+                    failed = true;
+                    break;
+                }
+                reap();
             }
-            reap();
-            if (stats_.completed == completed && rc == -ETIME) {
-                log::error("reactor shutdown: {} operation(s) ignore cancellation; leaking their frames", in_flight_);
+            if (failed) break;
+            if (in_flight_ == before) {
+                log::error("reactor shutdown: {} operation(s) ignore cancellation for {} ms; leaking their frames",
+                           in_flight_, std::chrono::milliseconds(kShutdownWait).count());
                 break;
             }
         }

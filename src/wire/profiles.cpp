@@ -7,6 +7,7 @@
 #include <fmt/core.h>
 
 #include <charconv>
+#include <cstddef>
 #include <cstring>
 
 namespace xensock::wire {
@@ -79,14 +80,30 @@ Result<FrontendParams> read_ring_and_port(const NodeReader& read, std::string& w
     return FrontendParams{*ring_ref, *port};
 }
 
+// A profile's data interface layout, taken from its static_asserted struct
+// so the table and the struct cannot disagree.
+template <typename Intf>
+const DataIntfLayout& data_layout_of() {
+    static constexpr DataIntfLayout layout{
+        .in_cons = offsetof(Intf, in_cons),
+        .in_prod = offsetof(Intf, in_prod),
+        .in_error = offsetof(Intf, in_error),
+        .out_cons = offsetof(Intf, out_cons),
+        .out_prod = offsetof(Intf, out_prod),
+        .out_error = offsetof(Intf, out_error),
+        .ring_order = offsetof(Intf, ring_order),
+        .refs = offsetof(Intf, ref),
+    };
+    return layout;
+}
+
 // ------------------------------------------------------------ XenSock v3
 class XensockV3 final : public ProtocolProfile {
 public:
     std::string_view name() const override { return xensock_v3::kNodeName; }
     unsigned min_ring_order() const override { return xensock_v3::kMinRingOrder; }
     const DataIntfLayout& data_layout() const override {
-        static constexpr DataIntfLayout layout{0, 4, 16, 8, 12, 20, 24, 28};
-        return layout;
+        return data_layout_of<xensock_v3::DataIntf>();
     }
 
     NodeList backend_nodes(unsigned max_order) const override {
@@ -179,8 +196,7 @@ public:
     std::string_view name() const override { return pvcalls_v1::kNodeName; }
     unsigned min_ring_order() const override { return pvcalls_v1::kMinRingOrder; }
     const DataIntfLayout& data_layout() const override {
-        static constexpr DataIntfLayout layout{0, 4, 8, 64, 68, 72, 128, 132};
-        return layout;
+        return data_layout_of<pvcalls_v1::DataIntf>();
     }
 
     NodeList backend_nodes(unsigned max_order) const override {

@@ -25,8 +25,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -60,11 +63,11 @@ struct RunOptions {
     std::vector<std::pair<std::string, std::string>> env;  // set in the child
 };
 
-// Runs the real xensockctl (meson passes its path) with `args`. Output is
+// Runs the program meson names in $`bin_env` with `args`. Output is
 // collected from both pipes until it exits.
-CtlRun run_ctl(const std::vector<std::string>& args, const RunOptions& options = {}) {
-    const char* bin = std::getenv("XENSOCK_XENSOCKCTL");
-    REQUIRE_MESSAGE(bin, "XENSOCK_XENSOCKCTL is not set (meson sets it for tests)");
+CtlRun run_binary(const char* bin_env, const std::vector<std::string>& args, const RunOptions& options = {}) {
+    const char* bin = std::getenv(bin_env);
+    REQUIRE_MESSAGE(bin, bin_env << " is not set (meson sets it for tests)");
     int out[2], err[2];
     REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
     REQUIRE(::pipe2(err, O_CLOEXEC) == 0);
@@ -118,6 +121,11 @@ CtlRun run_ctl(const std::vector<std::string>& args, const RunOptions& options =
         if (f.fd >= 0) ::close(f.fd);
     r.rc = SimEnv::wait_child(pid, 10s);
     return r;
+}
+
+// The real xensockctl.
+CtlRun run_ctl(const std::vector<std::string>& args, const RunOptions& options = {}) {
+    return run_binary("XENSOCK_XENSOCKCTL", args, options);
 }
 
 CtlRun ctl(SimEnv& env, std::vector<std::string> args) {
@@ -181,6 +189,31 @@ pid_t spawn_guest(SimEnv& env, platform::DomId domid, const wire::ProtocolProfil
         frontend::GuestOptions options;
         options.profile = &profile;
         return reactor.run_until(guest_main(reactor, *platform, options, body));
+    });
+}
+
+// One guest domain with both devices: a xensock and a pvcalls Guest in one
+// process (one domain), on one reactor.
+using PairBody = std::function<rt::Task<int>(Guest& xensock, Guest& pvcalls, rt::Reactor&)>;
+
+rt::Task<int> guest_pair_main(rt::Reactor& reactor, platform::Platform& platform, const PairBody& body) {
+    frontend::GuestOptions xo, po;
+    xo.profile = &wire::xensock_v3_profile();
+    po.profile = &wire::pvcalls_v1_profile();
+    auto x = co_await Guest::attach(reactor, platform, xo);
+    auto p = co_await Guest::attach(reactor, platform, po);
+    const int rc = co_await body(*x, *p, reactor);
+    co_await p->close();
+    co_await x->close();
+    co_return rc;
+}
+
+pid_t spawn_guest_pair(SimEnv& env, platform::DomId domid, PairBody body) {
+    const std::string root = env.root();
+    return env.spawn([root, domid, body]() -> int {
+        auto platform = platform::open_sim_platform(root, domid);
+        rt::Reactor reactor;
+        return reactor.run_until(guest_pair_main(reactor, *platform, body));
     });
 }
 
@@ -301,6 +334,20 @@ json session(const json& answer, unsigned domid) {
             if (s["domid"] == domid) return s;
     FAIL("no session for domid " << domid << " in " << answer.dump());
     return {{"sockets", json::array()}};
+}
+
+json session_of(const json& answer, unsigned domid, const std::string& protocol) {
+    for (const auto& s : answer["sessions"])
+        if (s["domid"] == domid && s["protocol"] == protocol) return s;
+    FAIL("no " << protocol << " session for domid " << domid << " in " << answer.dump());
+    return {{"sockets", json::array()}};
+}
+
+// The socket `sockid` of a session (a copy); kind and state "absent" if none.
+json socket_of(const json& session, uint64_t sockid) {
+    for (const auto& k : session["sockets"])
+        if (k["sockid"] == sockid) return k;
+    return {{"kind", "absent"}, {"state", "absent"}};
 }
 
 }  // namespace
@@ -521,7 +568,7 @@ TEST_CASE("list, list --sockets and stats show exactly what the guests did") {
         CHECK(p.value("xensock_bytes_from_guest_total", d6) == from6);
         CHECK(p.value("xensock_bytes_to_guest_total", d6) == to6);
         CHECK(p.value("xensock_commands_total", with(d5, "command", "connect")) == 3);
-        CHECK(p.value("xensock_command_errors_total", with(d5, "command", "connect")) == 1);
+        CHECK(p.types.count("xensock_command_errors_total") == 0);  // command_results_total{result="error"}
         CHECK(p.value("xensock_command_results_total", with(with(d5, "command", "connect"), "result", "ok")) == 2);
         CHECK(p.value("xensock_command_results_total", with(with(d5, "command", "connect"), "result", "error")) ==
               1);
@@ -537,6 +584,8 @@ TEST_CASE("list, list --sockets and stats show exactly what the guests did") {
         REQUIRE_MESSAGE(p6.error.empty(), p6.error);
         CHECK(p6.value("xensock_bytes_to_guest_total", d6) == to6);
         CHECK(!p6.value("xensock_bytes_to_guest_total", d5));
+        // The series are filtered; the session gauge still counts all of them.
+        CHECK(p6.value("xensock_sessions", {}) == 3);
     }
 
     mark(root, "done");
@@ -553,15 +602,19 @@ TEST_CASE("kill DOMID SOCKID: that socket fails in the guest, the others keep wo
     const int lfd = host_listen(port);
     spawn_script_server(env, lfd);
     env.attach(7, wire::xensock_v3_profile());
+    const uint16_t listen_port = free_port();
     const pid_t guest = spawn_guest(env, 7, wire::xensock_v3_profile(), [=](Guest& g, rt::Reactor& r) -> rt::Task<int> {
-        uint64_t a = 0, b = 0;
+        uint64_t a = 0, b = 0, l = 0;
         GCHECK_EQ(co_await g.socket(a), 0);
         GCHECK_EQ(co_await g.connect(a, loopback(port)), 0);
         GCHECK_EQ(co_await scripted(g, a, 10, 20), 0);
         GCHECK_EQ(co_await g.socket(b), 0);
         GCHECK_EQ(co_await g.connect(b, loopback(port)), 0);
         GCHECK_EQ(co_await scripted(g, b, 30, 40), 0);
-        mark(root, "ready", fmt::format("{} {}", a, b));
+        GCHECK_EQ(co_await g.socket(l), 0);
+        GCHECK_EQ(co_await g.bind(l, loopback(listen_port)), 0);
+        GCHECK_EQ(co_await g.listen(l, 4), 0);
+        mark(root, "ready", fmt::format("{} {} {}", a, b, l));
         GCHECK(co_await wait_mark(r, root, "killed"));
         // The killed socket: the error is on its ring.
         std::vector<std::byte> buf(5000, std::byte{'x'});
@@ -576,12 +629,13 @@ TEST_CASE("kill DOMID SOCKID: that socket fails in the guest, the others keep wo
         GCHECK(echo == buf);
         (void)co_await g.release(a);
         GCHECK_EQ(co_await g.release(b), 0);
+        (void)co_await g.release(l);
         GCHECK(g.connected());
         co_return 0;
     });
     REQUIRE(wait_marked(root, "ready"));
-    uint64_t a = 0, b = 0;
-    std::istringstream(*marked(root, "ready")) >> a >> b;
+    uint64_t a = 0, b = 0, l = 0;
+    std::istringstream(*marked(root, "ready")) >> a >> b >> l;
 
     auto r = ctl(env, {"kill", "7", std::to_string(a)});
     CHECK_MESSAGE(r.rc == 0, r);
@@ -598,6 +652,20 @@ TEST_CASE("kill DOMID SOCKID: that socket fails in the guest, the others keep wo
         }
         return killed && other_active;
     }));
+    // A killed listening socket is still listed as the passive socket it was.
+    r = ctl(env, {"kill", "7", std::to_string(l)});
+    CHECK_MESSAGE(r.rc == 0, r);
+    CHECK(eventually([&] {
+        const auto l7 = ctl(env, {"list", "--sockets", "7", "--json"});
+        return l7.rc == 0 && socket_of(session(l7.parsed(), 7), l)["state"] == "killed";
+    }));
+    {
+        const auto l7 = ctl(env, {"list", "--sockets", "7", "--json"});
+        REQUIRE_MESSAGE(l7.rc == 0, l7);
+        const json s7 = session(l7.parsed(), 7);
+        CHECK_MESSAGE(socket_of(s7, l)["kind"] == "passive", s7.dump());
+        CHECK(s7["passive_sockets"] == 0);  // nothing listens any more
+    }
     // Unknown socket, unknown guest: exit 3 and a message.
     r = ctl(env, {"kill", "7", "424242"});
     CHECK_MESSAGE(r.rc == 3, r);
@@ -606,10 +674,10 @@ TEST_CASE("kill DOMID SOCKID: that socket fails in the guest, the others keep wo
     CHECK_MESSAGE(r.rc == 3, r);
 
     // The session itself stays connected.
-    const auto l = ctl(env, {"list", "7", "--json"});
-    REQUIRE_MESSAGE(l.rc == 0, l);
-    CHECK(session(l.parsed(), 7)["backend_state"] == 4);
-    CHECK(session(l.parsed(), 7)["active_sockets"] == 1);
+    const auto l7 = ctl(env, {"list", "7", "--json"});
+    REQUIRE_MESSAGE(l7.rc == 0, l7);
+    CHECK(session(l7.parsed(), 7)["backend_state"] == 4);
+    CHECK(session(l7.parsed(), 7)["active_sockets"] == 1);
 
     mark(root, "killed");
     CHECK(SimEnv::wait_child(guest) == 0);
@@ -708,6 +776,500 @@ TEST_CASE("kill DOMID: the guest is disconnected and xensockd keeps no fd or map
     ::close(lfd);
 }
 
+TEST_CASE("kill with a guest that has a xensock and a pvcalls device: a SOCKID in both needs --protocol") {
+    SimEnv env;
+    const std::string root = env.root();
+    uint16_t port = 0;
+    const int lfd = host_listen(port);
+    REQUIRE(lfd >= 0);
+    spawn_script_server(env, lfd);
+    env.attach(5, wire::xensock_v3_profile());
+    env.attach(5, wire::pvcalls_v1_profile());
+    const auto xs_state = env.backend_path(5, wire::xensock_v3_profile()) + "/state";
+    const auto pv_state = env.backend_path(5, wire::pvcalls_v1_profile()) + "/state";
+    const pid_t guest = spawn_guest_pair(env, 5, [=](Guest& x, Guest& p, rt::Reactor& r) -> rt::Task<int> {
+        uint64_t xa = 0, pa = 0;
+        GCHECK_EQ(co_await x.socket(xa), 0);
+        GCHECK_EQ(co_await x.connect(xa, loopback(port)), 0);
+        GCHECK_EQ(co_await scripted(x, xa, 10, 20), 0);
+        GCHECK_EQ(co_await p.socket(pa), 0);
+        GCHECK_EQ(co_await p.connect(pa, loopback(port)), 0);
+        GCHECK_EQ(co_await scripted(p, pa, 30, 40), 0);
+        mark(root, "ready", fmt::format("{} {}", xa, pa));
+        GCHECK(co_await wait_mark(r, root, "socket-killed"));
+        // Only the xensock device's socket was closed...
+        std::vector<std::byte> buf(100, std::byte{'x'});
+        GCHECK_EQ(co_await x.recv(xa, buf, 10s), -ECONNRESET);
+        // ...the pvcalls one with the same sockid still echoes.
+        GCHECK_EQ(co_await p.send_all(pa, buf, 10s), 100);
+        std::vector<std::byte> echo(100);
+        GCHECK_EQ(co_await p.recv_exact(pa, echo, 10s), 100);
+        GCHECK(echo == buf);
+        mark(root, "checked");
+        GCHECK(co_await wait_mark(r, root, "pvcalls-killed"));
+        auto deadline = std::chrono::steady_clock::now() + 30s;
+        while (p.connected() && std::chrono::steady_clock::now() < deadline) co_await r.sleep_for(5ms);
+        GCHECK(!p.connected());
+        GCHECK(x.connected());
+        // The xensock device still works.
+        uint64_t xb = 0;
+        GCHECK_EQ(co_await x.socket(xb), 0);
+        GCHECK_EQ(co_await x.connect(xb, loopback(port)), 0);
+        GCHECK_EQ(co_await scripted(x, xb, 5, 6), 0);
+        mark(root, "pvcalls-checked");
+        GCHECK(co_await wait_mark(r, root, "all-killed"));
+        deadline = std::chrono::steady_clock::now() + 30s;
+        while (x.connected() && std::chrono::steady_clock::now() < deadline) co_await r.sleep_for(5ms);
+        GCHECK(!x.connected());
+        co_return 0;
+    });
+    REQUIRE(wait_marked(root, "ready"));
+    uint64_t xa = 0, pa = 0;
+    std::istringstream(*marked(root, "ready")) >> xa >> pa;
+    // Each Guest numbers its sockets from 1: the same sockid in both sessions.
+    REQUIRE_MESSAGE(xa == pa, "the frontend no longer gives both devices' first socket the same id");
+    const std::string id = std::to_string(xa);
+
+    // list --sockets: both sockets, told apart by the PROTOCOL column.
+    auto r = ctl(env, {"list", "--sockets", "5"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    std::set<std::string> protocols;
+    for (const auto& line : lines_of(r.out)) {
+        std::istringstream row(line);
+        std::string domid, proto, sockid;
+        row >> domid >> proto >> sockid;
+        if (domid == "5" && sockid == id) protocols.insert(proto);
+    }
+    CHECK(protocols == std::set<std::string>{"pvcalls", "xensock"});
+
+    // Ambiguous: refused with the usage exit code, naming the choices.
+    r = ctl(env, {"kill", "5", id});
+    CHECK_MESSAGE(r.rc == 2, r);
+    CHECK(r.err.find(fmt::format("domid 5 has a socket {} in more than one session; nothing was closed", id)) !=
+          std::string::npos);
+    CHECK(r.err.find(fmt::format("xensockctl kill 5 {} --protocol xensock", id)) != std::string::npos);
+    CHECK(r.err.find(fmt::format("xensockctl kill 5 {} --protocol pvcalls", id)) != std::string::npos);
+    r = ctl(env, {"kill", "5", id, "--json"});
+    CHECK_MESSAGE(r.rc == 2, r);
+    CHECK(r.parsed()["exit_code"] == 2);
+    r = ctl(env, {"list", "--sockets", "5", "--json"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    CHECK(socket_of(session_of(r.parsed(), 5, "xensock"), xa)["state"] == "connected");
+    CHECK(socket_of(session_of(r.parsed(), 5, "pvcalls"), pa)["state"] == "connected");
+
+    // A selector that matches nothing: not found.
+    r = ctl(env, {"kill", "5", id, "--protocol", "pvcalls", "--devid", "1"});
+    CHECK_MESSAGE(r.rc == 3, r);
+    CHECK(r.err.find(fmt::format("no socket {} in domid 5 (pvcalls devid 1)", id)) != std::string::npos);
+    CHECK(ctl(env, {"kill", "5", id, "--protocol", "udp"}).rc == 2);
+
+    // --protocol picks one.
+    r = ctl(env, {"kill", "5", id, "--protocol", "xensock"});
+    CHECK_MESSAGE(r.rc == 0, r);
+    CHECK(r.out.find(fmt::format("domid 5 socket {}: closed (xensock)", id)) != std::string::npos);
+    CHECK(eventually([&] {
+        const auto l = ctl(env, {"list", "--sockets", "5", "--json"});
+        return l.rc == 0 && socket_of(session_of(l.parsed(), 5, "xensock"), xa)["state"] == "killed";
+    }));
+    r = ctl(env, {"list", "--sockets", "5", "--json"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    CHECK(socket_of(session_of(r.parsed(), 5, "pvcalls"), pa)["state"] == "connected");
+    mark(root, "socket-killed");
+    REQUIRE(wait_marked(root, "checked"));
+
+    // kill DOMID --protocol: that session only.
+    r = ctl(env, {"kill", "5", "--protocol", "pvcalls", "--json"});
+    CHECK_MESSAGE(r.rc == 0, r);
+    REQUIRE(r.parsed()["sessions"].size() == 1);
+    CHECK(r.parsed()["sessions"][0]["protocol"] == "pvcalls");
+    CHECK(eventually([&] {
+        const auto st = env.read(pv_state);
+        return st == "5" || st == "6";
+    }));
+    CHECK(env.read(xs_state) == "4");
+    mark(root, "pvcalls-killed");
+    REQUIRE(wait_marked(root, "pvcalls-checked"));
+
+    // kill DOMID: every session of the guest.
+    r = ctl(env, {"kill", "5"});
+    CHECK_MESSAGE(r.rc == 0, r);
+    CHECK(r.out.find("domid 5: disconnecting 2 sessions (pvcalls, xensock)") != std::string::npos);
+    CHECK(eventually([&] {
+        const auto st = env.read(xs_state);
+        return st == "5" || st == "6";
+    }));
+    mark(root, "all-killed");
+    CHECK(SimEnv::wait_child(guest) == 0);
+    ::close(lfd);
+}
+
+TEST_CASE("kill DOMID: the other guests keep working and their counters do not move") {
+    SimEnv env;
+    const std::string root = env.root();
+    uint16_t port = 0;
+    const int lfd = host_listen(port);
+    REQUIRE(lfd >= 0);
+    spawn_script_server(env, lfd);
+    env.attach(9, wire::xensock_v3_profile());
+    env.attach(10, wire::xensock_v3_profile());
+    const pid_t victim = spawn_guest(env, 9, wire::xensock_v3_profile(), [=](Guest& g, rt::Reactor& r) -> rt::Task<int> {
+        uint64_t a = 0;
+        GCHECK_EQ(co_await g.socket(a), 0);
+        GCHECK_EQ(co_await g.connect(a, loopback(port)), 0);
+        GCHECK_EQ(co_await scripted(g, a, 100, 200), 0);
+        mark(root, "ready9");
+        const auto deadline = std::chrono::steady_clock::now() + 30s;
+        while (g.connected() && std::chrono::steady_clock::now() < deadline) co_await r.sleep_for(5ms);
+        GCHECK(!g.connected());
+        co_return 0;
+    });
+    const pid_t other = spawn_guest(env, 10, wire::xensock_v3_profile(), [=](Guest& g, rt::Reactor& r) -> rt::Task<int> {
+        uint64_t a = 0;
+        GCHECK_EQ(co_await g.socket(a), 0);
+        GCHECK_EQ(co_await g.connect(a, loopback(port)), 0);
+        GCHECK_EQ(co_await scripted(g, a, 300, 400), 0);
+        mark(root, "ready10");
+        GCHECK(co_await wait_mark(r, root, "go"));
+        // After the other guest was killed: a full round trip on the old socket.
+        std::vector<std::byte> buf(5000, std::byte{'o'});
+        GCHECK_EQ(co_await g.send_all(a, buf, 10s), 5000);
+        std::vector<std::byte> echo(5000);
+        GCHECK_EQ(co_await g.recv_exact(a, echo, 10s), 5000);
+        GCHECK(echo == buf);
+        GCHECK(g.connected());
+        mark(root, "done10");
+        GCHECK(co_await wait_mark(r, root, "end"));
+        co_return 0;
+    });
+    REQUIRE(wait_marked(root, "ready9"));
+    REQUIRE(wait_marked(root, "ready10"));
+    auto snapshot = [&] {
+        const auto r = ctl(env, {"stats", "10", "--json"});
+        REQUIRE_MESSAGE(r.rc == 0, r);
+        json s = session(r.parsed(), 10);
+        s.erase("uptime_seconds");
+        return s;
+    };
+    const json before = snapshot();
+    CHECK(before["bytes_from_guest"] == 8 + 300);
+    CHECK(before["bytes_to_guest"] == 400);
+
+    auto r = ctl(env, {"kill", "9"});
+    CHECK_MESSAGE(r.rc == 0, r);
+    CHECK(SimEnv::wait_child(victim) == 0);
+    CHECK(eventually([&] {
+        const auto st = env.read(env.backend_path(9, wire::xensock_v3_profile()) + "/state");
+        return st == "5" || st == "6";
+    }));
+    // The killed guest's teardown left the other session exactly as it was.
+    const json after = snapshot();
+    CHECK_MESSAGE(after == before, "before: " << before.dump() << "\nafter:  " << after.dump());
+    CHECK(after["backend_state"] == 4);
+
+    mark(root, "go");
+    REQUIRE(wait_marked(root, "done10"));
+    const json later = snapshot();
+    CHECK(later["bytes_from_guest"] == 8 + 300 + 5000);
+    CHECK(later["bytes_to_guest"] == 400 + 5000);
+    CHECK(later["active_sockets"] == 1);
+    mark(root, "end");
+    CHECK(SimEnv::wait_child(other) == 0);
+    ::close(lfd);
+}
+
+TEST_CASE("stats: data ring errors by errno, after a peer reset and an orderly shutdown") {
+    SimEnv env;
+    const std::string root = env.root();
+    uint16_t port = 0;
+    const int lfd = host_listen(port);
+    REQUIRE(lfd >= 0);
+    // The peer: reads the guest's one byte on each connection, then resets
+    // the first (SO_LINGER 0: RST) and shuts the second down (FIN).
+    env.spawn([lfd]() -> int {
+        for (int i = 0; i < 2; ++i) {
+            const int c = ::accept(lfd, nullptr, nullptr);
+            if (c < 0) return 2;
+            char byte;
+            if (::recv(c, &byte, 1, MSG_WAITALL) != 1) return 3;
+            if (i == 0) {
+                const linger reset{1, 0};
+                ::setsockopt(c, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+            }
+            ::close(c);
+        }
+        ::pause();
+        return 0;
+    });
+    env.attach(5, wire::xensock_v3_profile());
+    const pid_t guest = spawn_guest(env, 5, wire::xensock_v3_profile(), [=](Guest& g, rt::Reactor& r) -> rt::Task<int> {
+        const std::byte one[1] = {std::byte{'1'}};
+        std::vector<std::byte> buf(64);
+        uint64_t a = 0, b = 0;
+        GCHECK_EQ(co_await g.socket(a), 0);
+        GCHECK_EQ(co_await g.connect(a, loopback(port)), 0);
+        GCHECK_EQ(co_await g.send_all(a, one, 10s), 1);
+        GCHECK_EQ(co_await g.recv(a, buf, 10s), -ECONNRESET);
+        // Sending on the reset socket: the host send fails, EPIPE in out_error.
+        (void)co_await g.send(a, buf, 10s);
+        for (int i = 0; i < 2000 && g.data_intf(a)->out_error() == 0; ++i) co_await r.sleep_for(5ms);
+        GCHECK_EQ(g.data_intf(a)->out_error(), -EPIPE);
+        GCHECK_EQ(co_await g.socket(b), 0);
+        GCHECK_EQ(co_await g.connect(b, loopback(port)), 0);
+        GCHECK_EQ(co_await g.send_all(b, one, 10s), 1);
+        GCHECK_EQ(co_await g.recv(b, buf, 10s), 0);  // orderly: in_error ENOTCONN
+        GCHECK_EQ(g.data_intf(b)->in_error(), -ENOTCONN);
+        mark(root, "ready");
+        GCHECK(co_await wait_mark(r, root, "done"));
+        co_return 0;
+    });
+    REQUIRE(wait_marked(root, "ready"));
+
+    auto r = ctl(env, {"stats", "5", "--json"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    const json c = session(r.parsed(), 5)["counters"];
+    CHECK_MESSAGE(c.value("ring_errors_in_errno_104", 0) == 1, c.dump());  // ECONNRESET
+    CHECK(c.value("ring_errors_in_errno_107", 0) == 1);                     // ENOTCONN
+    CHECK(c.value("ring_errors_out_errno_32", 0) == 1);                     // EPIPE
+    size_t ring_error_keys = 0;
+    for (const auto& [name, value] : c.items()) ring_error_keys += name.starts_with("ring_errors_");
+    CHECK_MESSAGE(ring_error_keys == 3, c.dump());
+    CHECK(!c.contains("errno_104"));  // not command errors
+
+    r = ctl(env, {"stats", "5", "--prometheus"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    const auto p = prom::parse(r.out);
+    REQUIRE_MESSAGE(p.error.empty(), p.error);
+    using Labels = std::vector<std::pair<std::string, std::string>>;
+    auto ring = [](std::string half, std::string err) {
+        return Labels{{"domid", "5"}, {"protocol", "xensock"}, {"half", std::move(half)}, {"errno", std::move(err)}};
+    };
+    CHECK(p.value("xensock_ring_errors_total", ring("in", "ECONNRESET")) == 1);
+    CHECK(p.value("xensock_ring_errors_total", ring("in", "ENOTCONN")) == 1);
+    CHECK(p.value("xensock_ring_errors_total", ring("out", "EPIPE")) == 1);
+
+    r = ctl(env, {"stats", "5"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    INFO(r.out);
+    CHECK(r.out.find("ECONNRESET  in        1  Connection reset by peer") != std::string::npos);
+    CHECK(r.out.find("EPIPE       out       1  Broken pipe") != std::string::npos);
+    mark(root, "done");
+    CHECK(SimEnv::wait_child(guest) == 0);
+    ::close(lfd);
+}
+
+TEST_CASE("quota: --max-sockets-per-guest refuses with EMFILE and counts the refusals") {
+    SimEnvOptions options;
+    options.extra_args = {"--max-sockets-per-guest", "2"};
+    SimEnv env(options);
+    const std::string root = env.root();
+    const uint16_t listen_port = free_port();
+    env.attach(5, wire::xensock_v3_profile());
+    const pid_t guest = spawn_guest(env, 5, wire::xensock_v3_profile(), [=](Guest& g, rt::Reactor& r) -> rt::Task<int> {
+        uint64_t l = 0, a = 0, c = 0, accepted = 0;
+        GCHECK_EQ(co_await g.socket(l), 0);
+        GCHECK_EQ(co_await g.bind(l, loopback(listen_port)), 0);
+        GCHECK_EQ(co_await g.listen(l, 4), 0);
+        GCHECK_EQ(co_await g.socket(a), 0);
+        // At the limit: SOCKET and ACCEPT are refused, nothing else changes.
+        GCHECK_EQ(co_await g.socket(c), -EMFILE);
+        GCHECK_EQ(co_await g.accept(l, accepted), -EMFILE);
+        // The quota counts what is held: after a RELEASE there is room again.
+        GCHECK_EQ(co_await g.release(a), 0);
+        GCHECK_EQ(co_await g.socket(c), 0);
+        mark(root, "ready");
+        GCHECK(co_await wait_mark(r, root, "done"));
+        co_return 0;
+    });
+    REQUIRE(wait_marked(root, "ready"));
+    auto r = ctl(env, {"stats", "5", "--json"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    const json c = session(r.parsed(), 5)["counters"];
+    CHECK(c["quota_refusals"] == 2);
+    CHECK(c["errno_24"] == 2);  // EMFILE
+    CHECK(c["command_errors_socket"] == 1);
+    CHECK(c["command_errors_accept"] == 1);
+    CHECK(c["command_ok_socket"] == 3);
+
+    r = ctl(env, {"stats", "5", "--prometheus"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    const auto p = prom::parse(r.out);
+    REQUIRE_MESSAGE(p.error.empty(), p.error);
+    const std::vector<std::pair<std::string, std::string>> d5{{"domid", "5"}, {"protocol", "xensock"}};
+    CHECK(p.value("xensock_quota_refusals_total", d5) == 2);
+    auto with = [&](std::string k, std::string v) {
+        auto l = d5;
+        l.emplace_back(std::move(k), std::move(v));
+        return l;
+    };
+    CHECK(p.value("xensock_errors_total", with("errno", "EMFILE")) == 2);
+    r = ctl(env, {"stats", "5"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    bool shown = false;
+    for (const auto& line : lines_of(r.out))
+        if (line.find("quota refusals") != std::string::npos) shown = line.ends_with(" 2");
+    CHECK_MESSAGE(shown, r.out);
+    mark(root, "done");
+    CHECK(SimEnv::wait_child(guest) == 0);
+}
+
+TEST_CASE("stats: ring-full stalls and ring-empty waits, notifications bounded by the bytes") {
+    SimEnv env;
+    const std::string root = env.root();
+    uint16_t port = 0;
+    const int lfd = host_listen(port);
+    REQUIRE(lfd >= 0);
+    spawn_script_server(env, lfd);
+    constexpr unsigned kOrder = 1;
+    constexpr uint32_t kRing = wire::ring_bytes_per_direction(kOrder);  // 4096 per half
+    constexpr uint32_t kBytes = 16 * kRing;
+    env.attach(5, wire::xensock_v3_profile());
+    const pid_t guest = spawn_guest(env, 5, wire::xensock_v3_profile(), [=](Guest& g, rt::Reactor& r) -> rt::Task<int> {
+        frontend::RingOptions small;
+        small.order = kOrder;
+        uint64_t a = 0, idle = 0;
+        GCHECK_EQ(co_await g.socket(idle), 0);
+        GCHECK_EQ(co_await g.connect(idle, loopback(port), small), 0);
+        GCHECK_EQ(co_await g.socket(a), 0);
+        GCHECK_EQ(co_await g.connect(a, loopback(port), small), 0);
+        const uint32_t header[2] = {0, kBytes};
+        GCHECK_EQ(co_await g.send_all(a, std::as_bytes(std::span(header)), 10s), 8);
+        // Read nothing until the backend has filled the in half.
+        bool full = false;
+        for (int i = 0; i < 6000 && !full; ++i) {
+            const auto intf = g.data_intf(a);
+            full = intf && intf->in_prod() - intf->in_cons() == kRing;
+            if (!full) co_await r.sleep_for(5ms);
+        }
+        GCHECK(full);
+        mark(root, "full");
+        GCHECK(co_await wait_mark(r, root, "drain"));
+        std::vector<std::byte> in(kBytes);
+        GCHECK_EQ(co_await g.recv_exact(a, in, 30s), static_cast<ssize_t>(kBytes));
+        mark(root, "drained");
+        GCHECK(co_await wait_mark(r, root, "done"));
+        co_return 0;
+    });
+    auto counters = [&] {
+        const auto r = ctl(env, {"stats", "5", "--json"});
+        REQUIRE_MESSAGE(r.rc == 0, r);
+        return session(r.parsed(), 5);
+    };
+    REQUIRE(wait_marked(root, "full"));
+    // The guest holds the ring full while the peer has more to send: the
+    // backend must stop reading the socket.
+    CHECK(eventually([&] { return counters()["counters"]["ring_full_stalls"].get<uint64_t>() >= 1; }));
+    mark(root, "drain");
+    REQUIRE(wait_marked(root, "drained"));
+    // Both sockets' out halves were empty after the guest's last byte.
+    CHECK(eventually([&] { return counters()["counters"]["ring_empty_waits"].get<uint64_t>() >= 2; }));
+
+    const json s = counters();
+    const json& c = s["counters"];
+    INFO(s.dump());
+    CHECK(s["bytes_to_guest"] == kBytes);
+    CHECK(s["bytes_from_guest"] == 8);
+    CHECK(c["ring_full_stalls"].get<uint64_t>() >= 1);
+    // Every publish into a ring notifies and moves at most a ring's worth (and
+    // at least a byte); every command answer notifies at most once.
+    uint64_t commands = 0;
+    for (const auto& [name, value] : c.items())
+        if (name.starts_with("commands_")) commands += value.get<uint64_t>();
+    const uint64_t sent = c["notifications_sent"].get<uint64_t>();
+    CHECK(sent >= kBytes / kRing + 1);  // kBytes to the guest, and the 8-byte header out
+    CHECK(sent <= kBytes + 8 + commands);
+    CHECK(c["notifications_received"].get<uint64_t>() >= 1);
+
+    const auto r = ctl(env, {"stats", "5", "--prometheus"});
+    REQUIRE_MESSAGE(r.rc == 0, r);
+    const auto p = prom::parse(r.out);
+    REQUIRE_MESSAGE(p.error.empty(), p.error);
+    const std::vector<std::pair<std::string, std::string>> d5{{"domid", "5"}, {"protocol", "xensock"}};
+    CHECK(p.value("xensock_ring_full_stalls_total", d5) >= 1);
+    CHECK(p.value("xensock_ring_empty_waits_total", d5) >= 2);
+    mark(root, "done");
+    CHECK(SimEnv::wait_child(guest) == 0);
+    ::close(lfd);
+}
+
+TEST_CASE("a second xensockd on the same control socket refuses to start; a stale socket file is replaced") {
+    SimEnv env;
+    const std::string root = env.root();
+    env.attach(5, wire::xensock_v3_profile());
+    const auto be_state = env.backend_path(5, wire::xensock_v3_profile()) + "/state";
+    REQUIRE(env.wait_for(be_state, "2"));
+
+    auto r = run_binary("XENSOCK_XENSOCKD", {"--sim", root, "--log-level", "info"});
+    CHECK_MESSAGE(r.rc == 4, r);
+    CHECK(r.err.find(fmt::format("another xensockd (pid {}) is already serving {}", env.daemon_pid(),
+                                 env.control_path())) != std::string::npos);
+    // It stopped before its engine started: it never served ("serving PROTOCOLS"
+    // is what the engine logs at start), so it cannot have touched a guest.
+    CHECK_MESSAGE(r.err.find("serving xensock,pvcalls on") == std::string::npos, r);
+    // The first one is untouched: still serving, its socket still there, the
+    // guest's device as it left it.
+    CHECK(env.daemon_alive());
+    CHECK(ctl(env, {"list", "5"}).rc == 0);
+    CHECK(env.read(be_state) == "2");
+
+    // Something that is not a socket at the path: refused, left alone.
+    const std::string odd = root + "/not-a-socket";
+    std::ofstream(odd) << "precious\n";
+    r = run_binary("XENSOCK_XENSOCKD", {"--sim", root, "--control", odd});
+    CHECK_MESSAGE(r.rc == 1, r);
+    CHECK(r.err.find(odd + " exists and is not a socket") != std::string::npos);
+    {
+        std::ifstream in(odd);
+        std::string text;
+        std::getline(in, text);
+        CHECK(text == "precious");
+    }
+
+    // A daemon that died left its socket file: the next one replaces it.
+    REQUIRE(env.stop_daemon() == 0);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, env.control_path().c_str(), sizeof addr.sun_path - 1);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    ::close(fd);
+    REQUIRE(ctl(env, {"list"}).rc == 4);  // stale: nothing listens
+    env.start_daemon();
+    r = ctl(env, {"list", "5"});
+    CHECK_MESSAGE(r.rc == 0, r);
+}
+
+TEST_CASE("xensockd whose engine cannot start exits 1 and leaves no control socket behind") {
+    // The control socket is bound before the engine starts; here the engine
+    // cannot reach xenstored, so the socket must be closed again (and, under
+    // ASan, without touching the control server after it is gone).
+    char dir[] = "/dev/shm/xs-noxs-XXXXXX";
+    REQUIRE(::mkdtemp(dir));
+    const std::string root = dir;
+    const auto r = run_binary("XENSOCK_XENSOCKD", {"--sim", root});
+    CHECK_MESSAGE(r.rc == 1, r);
+    CHECK(r.err.find("cannot connect to xenstored") != std::string::npos);
+    CHECK_MESSAGE(r.err.find("AddressSanitizer") == std::string::npos, r);  // ASan also exits 1
+    CHECK(::access((root + "/control").c_str(), F_OK) != 0);
+    std::error_code ec;
+    std::filesystem::remove_all(root, ec);
+}
+
+TEST_CASE("SIGHUP does not stop xensockd") {
+    SimEnv env;
+    env.attach(5, wire::xensock_v3_profile());
+    REQUIRE(env.wait_for(env.backend_path(5, wire::xensock_v3_profile()) + "/state", "2"));
+    for (int i = 0; i < 2; ++i) {
+        REQUIRE(::kill(env.daemon_pid(), SIGHUP) == 0);
+        const auto r = ctl(env, {"list", "5"});
+        CHECK_MESSAGE(r.rc == 0, r);
+    }
+    // A daemon that took SIGHUP for a stop would be gone by now (it stops in
+    // milliseconds); this wait can only miss a bug, never invent one.
+    CHECK_FALSE(eventually([&] { return !env.daemon_alive(); }, 1s));
+    CHECK(ctl(env, {"list", "5"}).rc == 0);
+    CHECK(env.stop_daemon() == 0);  // SIGTERM still stops it, cleanly
+}
+
 TEST_CASE("attach and detach play the toolstack; xensockd picks the device up") {
     SimEnv env;
     for (const auto* profile : wire::all_profiles()) {
@@ -768,8 +1330,14 @@ TEST_CASE("exit codes: usage, not found, daemon not reachable") {
             CHECK_MESSAGE(r.rc == 0, r);
             CHECK(r.out.find("Examples:") != std::string::npos);
             CHECK(r.out.find("xensockctl " + sub) != std::string::npos);
-            CHECK(r.out.find("Exit codes: 0 success") != std::string::npos);
+            for (const char* code : {"Exit codes: 0 success", "1 runtime error", "2 usage", "3 not found", "4 not reachable"})
+                CHECK_MESSAGE(r.out.find(code) != std::string::npos, code);
         }
+        // kill's selectors are explained where they are needed.
+        const auto k = ctl(env, {"kill", "--help"});
+        CHECK(k.out.find("--protocol") != std::string::npos);
+        CHECK(k.out.find("--devid") != std::string::npos);
+        CHECK(k.out.find("xensockctl kill 5 3 --protocol xensock") != std::string::npos);
         const auto r = run_ctl({"--help"});
         CHECK(r.rc == 0);
         CHECK(r.out.find("4 not reachable") != std::string::npos);
@@ -824,13 +1392,36 @@ TEST_CASE("exit codes: usage, not found, daemon not reachable") {
         struct stat st{};
         REQUIRE(::stat(env.control_path().c_str(), &st) == 0);
         CHECK(S_ISSOCK(st.st_mode));
-        CHECK((st.st_mode & 077) == 0);  // nothing for group or others
+        CHECK((st.st_mode & 07777) == 0600);  // read-write for the owner, nothing for group or others
+        CHECK(st.st_uid == ::geteuid());      // xensockd runs as we do
         if (::geteuid() == 0) {
             const passwd* nobody = ::getpwnam("nobody");
             REQUIRE(nobody);
-            const auto r = run_ctl({"--control", env.control_path(), "list"}, {.uid = nobody->pw_uid, .env = {}});
+            auto r = run_ctl({"--control", env.control_path(), "list"}, {.uid = nobody->pw_uid, .env = {}});
             CHECK_MESSAGE(r.rc == 4, r);
             CHECK(r.err.find("permission denied") != std::string::npos);
+
+            // Even if the file mode were opened up, xensockd checks the peer's
+            // uid (SO_PEERCRED) and turns away anyone but root and itself.
+            // (The sim root is 0700: let nobody through it for this one call.)
+            struct stat dir{};
+            REQUIRE(::stat(env.root().c_str(), &dir) == 0);
+            REQUIRE(::chmod(env.root().c_str(), (dir.st_mode & 07777) | 0711) == 0);
+            REQUIRE(::chmod(env.control_path().c_str(), 0666) == 0);
+            r = run_ctl({"--control", env.control_path(), "list"}, {.uid = nobody->pw_uid, .env = {}});
+            REQUIRE(::chmod(env.control_path().c_str(), 0600) == 0);
+            REQUIRE(::chmod(env.root().c_str(), dir.st_mode & 07777) == 0);
+            CHECK_MESSAGE(r.rc == 4, r);
+            CHECK_MESSAGE(r.err.find(fmt::format("xensockd: xensockd serves only root and uid {}, not uid {}: run "
+                                                 "xensockctl as root or as the user xensockd runs as",
+                                                 ::geteuid(), nobody->pw_uid)) != std::string::npos,
+                          r);
+            CHECK(r.out.empty());
+            // Root still gets its answers.
+            r = ctl(env, {"list"});
+            CHECK_MESSAGE(r.rc == 0, r);
+        } else {
+            MESSAGE("not root: the uid check of the control socket is not exercised");
         }
     }
     SUBCASE("xenstored not reachable for attach exits 4") {

@@ -20,7 +20,9 @@ json stats_answer(const std::string& protocol) {
                      {"command_errors_connect", 1}, {"command_ok_connect", 2}, {"commands_unknown", 2},     {"notifications_sent", 17},
                      {"notifications_received", 19}, {"ring_full_stalls", 3},    {"ring_empty_waits", 5},
                      {"guest_protocol_errors", 0},  {"quota_refusals", 0},      {"errno_111", 1},
-                     {"errno_524", 2},              {"brand_new-counter", 7}};
+                     {"errno_524", 2},              {"brand_new-counter", 7},
+                     {"ring_errors_in_errno_104", 3}, {"ring_errors_in_errno_107", 1},
+                     {"ring_errors_out_errno_32", 2}};
     json session = {{"domid", 5},
                     {"devid", 0},
                     {"protocol", protocol},
@@ -108,7 +110,8 @@ TEST_CASE("prometheus: rendered stats parse, with types, help, and escaped hosti
     };
     CHECK(p.value("xensock_commands_total", with("command", "socket")) == 4);
     CHECK(p.value("xensock_commands_total", with("command", "connect")) == 3);
-    CHECK(p.value("xensock_command_errors_total", with("command", "connect")) == 1);
+    // One family for command results: no second one repeating result="error".
+    CHECK(p.types.count("xensock_command_errors_total") == 0);
     auto result = [&](std::string v) {
         auto l = with("command", "connect");
         l.emplace_back("result", std::move(v));
@@ -124,10 +127,32 @@ TEST_CASE("prometheus: rendered stats parse, with types, help, and escaped hosti
     CHECK(p.value("xensock_notifications_sent_total", dom5) == 17);
     CHECK(p.value("xensock_ring_full_stalls_total", dom5) == 3);
     CHECK(p.value("xensock_ring_empty_waits_total", dom5) == 5);
+    // Data ring errors, by half and errno; none leaks into the "other" counters.
+    auto ring = [&](std::string half, std::string err) {
+        auto l = with("half", std::move(half));
+        l.emplace_back("errno", std::move(err));
+        return l;
+    };
+    CHECK(p.types.at("xensock_ring_errors_total") == "counter");
+    CHECK(p.value("xensock_ring_errors_total", ring("in", "ECONNRESET")) == 3);
+    CHECK(p.value("xensock_ring_errors_total", ring("in", "ENOTCONN")) == 1);
+    CHECK(p.value("xensock_ring_errors_total", ring("out", "EPIPE")) == 2);
+    CHECK(!p.value("xensock_ring_errors_total", ring("out", "ECONNRESET")));
+    CHECK(text.find("xensock_ring_errors_in") == std::string::npos);
     // A counter this tool does not know still comes out, as a valid name.
     CHECK(p.value("xensock_brand_new_counter_total", dom5) == 7);
     CHECK(p.value("xensock_bytes_from_guest_total", {{"domid", "6"}, {"protocol", "pvcalls"}}) == 1008);
     for (const auto& [name, type] : p.types) CHECK_MESSAGE(prometheus_valid_metric_name(name), name);
+}
+
+TEST_CASE("prometheus: xensock_sessions counts what the daemon serves, also when filtered by domid") {
+    json answer = stats_answer("xensock");
+    answer["sessions"].erase(1);             // `stats 5`: one session shown...
+    answer["daemon"]["sessions"] = 7;        // ...of the 7 the daemon serves
+    const auto p = prom::parse(render_prometheus(answer));
+    REQUIRE_MESSAGE(p.error.empty(), p.error);
+    CHECK(p.value("xensock_sessions", {}) == 7);
+    CHECK(render_stats(answer).starts_with("xensockd pid 42, up 1m39s, 7 guest sessions\n"));
 }
 
 TEST_CASE("prometheus: no sessions still gives a valid exposition") {
@@ -187,6 +212,14 @@ TEST_CASE("counters: sorted into commands, errnos, known and unknown scalars") {
     CHECK(c.scalars[0] == std::pair<std::string, uint64_t>{"notifications_sent", 17});
     REQUIRE(c.other.size() == 1);
     CHECK(c.other[0].first == "brand_new-counter");
+    REQUIRE(c.ring_errors.size() == 3);
+    CHECK(c.ring_errors[0].half == "in");
+    CHECK(c.ring_errors[0].err == 104);
+    CHECK(c.ring_errors[0].count == 3);
+    CHECK(c.ring_errors[1].err == 107);
+    CHECK(c.ring_errors[2].half == "out");
+    CHECK(c.ring_errors[2].err == 32);
+    CHECK(c.ring_errors[2].count == 2);
 }
 
 TEST_CASE("text: list and stats render every session") {
@@ -207,6 +240,31 @@ TEST_CASE("text: list and stats render every session") {
     CHECK(stats.find("domid 5 xensock: Connected") != std::string::npos);
     CHECK(stats.find("ECONNREFUSED") != std::string::npos);
     CHECK(stats.find("all 2 sessions") != std::string::npos);
+    CHECK(stats.find("ECONNRESET  in        3  Connection reset by peer") != std::string::npos);
+    CHECK(stats.find("EPIPE       out       2  Broken pipe") != std::string::npos);
     CHECK(render_list({{"ok", true}, {"sessions", json::array()}}).starts_with("no guest sessions"));
     CHECK(render_sockets({{"ok", true}, {"sessions", json::array()}}) == "no sockets\n");
+}
+
+TEST_CASE("text: list --sockets tells the sockets of two devices of one guest apart") {
+    json session = {{"domid", 5}, {"protocol", "xensock"}, {"devid", 0}, {"backend_state", 4},
+                    {"sockets", json::array({{{"sockid", 3}, {"kind", "passive"}, {"state", "listening"}}})}};
+    json second = session;
+    second["devid"] = 1;
+    json third = session;
+    third["protocol"] = "pvcalls";
+    const auto text = render_sockets({{"ok", true}, {"sessions", json::array({session, second, third})}});
+    INFO(text);
+    std::istringstream lines(text);
+    std::vector<std::pair<std::string, std::string>> rows;  // DOMID cell, PROTOCOL
+    for (std::string line; std::getline(lines, line);) {
+        std::istringstream row(line);
+        std::string domid, protocol;
+        row >> domid >> protocol;
+        rows.emplace_back(domid, protocol);
+    }
+    REQUIRE(rows.size() == 4);
+    CHECK(rows[1] == std::pair<std::string, std::string>{"5", "xensock"});
+    CHECK(rows[2] == std::pair<std::string, std::string>{"5/1", "xensock"});
+    CHECK(rows[3] == std::pair<std::string, std::string>{"5", "pvcalls"});
 }

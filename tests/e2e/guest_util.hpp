@@ -8,15 +8,18 @@
 #include "xensock/frontend/frontend.hpp"
 #include "xensock/platform/platform.hpp"
 #include "xensock/runtime/reactor.hpp"
+#include "xensock/toolstack/toolstack.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -144,5 +147,87 @@ inline pid_t spawn_echo_server(SimEnv& env, int listen_fd, int connections) {
         return 0;
     });
 }
+
+// A frontend built by hand, synchronous, for xenbus orderings and ring
+// abuse the Guest library never produces. Runs inside a guest process.
+class RawFrontend {
+public:
+    RawFrontend(const std::string& root, platform::DomId domid, const wire::ProtocolProfile& profile)
+        : profile_(profile),
+          platform_(platform::open_sim_platform(root, domid)),
+          xs_(std::make_unique<platform::XenStore>(platform_->xenstored_path())),
+          evtchn_(platform_->open_event_channel()),
+          sharer_(platform_->open_grant_sharer()),
+          fe_(toolstack::frontend_dir(profile, domid)) {}
+
+    platform::XenStore& xs() { return *xs_; }
+    const std::string& frontend_path() const { return fe_; }
+
+    // A fresh command ring page and port, allocated before the old ones are
+    // released (so their numbers differ from the previous ones).
+    bool make_ring() {
+        auto page = sharer_->share(0, 1, /*writable=*/true);
+        auto port = evtchn_->bind_unbound(0);
+        if (!page || !port) return false;
+        page_ = std::move(page.value());
+        port_ = std::move(port.value());
+        ring_ = wire::FrontRing(page_.data());
+        return true;
+    }
+    uint32_t ring_ref() const { return page_ ? page_.refs().at(0) : 0; }
+    platform::Port port() const { return port_ ? port_.port() : 0; }
+
+    // Writes the transport nodes and `state` in one transaction.
+    bool publish(int state, std::optional<wire::FrontendParams> params = std::nullopt) {
+        const auto nodes = profile_.frontend_nodes(params.value_or(wire::FrontendParams{ring_ref(), port()}));
+        return xs_->transaction([&](platform::XenStore& t) {
+                       for (const auto& [node, value] : nodes)
+                           if (!t.write(fe_ + "/" + node, value).ok()) return false;
+                       return t.write(fe_ + "/state", std::to_string(state)).ok();
+                   })
+            .ok();
+    }
+
+    // Sends `req` and waits (bounded) for the response with its req_id,
+    // kicking the backend now and then (it may bind our port only later).
+    std::optional<wire::Response> call(wire::Request req, std::chrono::milliseconds bound) {
+        req.req_id = ++last_req_id_;
+        profile_.encode_request(ring_.next_request_slot(), req);
+        ring_.commit_request();
+        (void)ring_.push_requests();
+        const auto deadline = std::chrono::steady_clock::now() + bound;
+        auto next_kick = std::chrono::steady_clock::now();
+        std::vector<platform::Port> fired;
+        while (std::chrono::steady_clock::now() < deadline) {
+            fired.clear();
+            evtchn_->pending(fired);  // also learns the backend's BIND
+            while (ring_.final_check_for_responses() != 0) {
+                wire::Slot slot;
+                ring_.take_response(slot);
+                const auto rsp = profile_.decode_response(slot);
+                if (rsp.req_id == req.req_id) return rsp;
+            }
+            if (std::chrono::steady_clock::now() >= next_kick) {
+                (void)port_.notify();
+                next_kick = std::chrono::steady_clock::now() + 100ms;
+            }
+            pollfd pfd{evtchn_->fd(), POLLIN, 0};
+            (void)::poll(&pfd, 1, 20);
+        }
+        return std::nullopt;
+    }
+
+private:
+    const wire::ProtocolProfile& profile_;
+    std::unique_ptr<platform::Platform> platform_;
+    std::unique_ptr<platform::XenStore> xs_;
+    std::unique_ptr<platform::EventChannel> evtchn_;
+    std::unique_ptr<platform::GrantSharer> sharer_;
+    std::string fe_;
+    platform::SharedPages page_;
+    platform::BoundPort port_;
+    wire::FrontRing ring_;
+    uint32_t last_req_id_ = 0;
+};
 
 }  // namespace xensock::testing

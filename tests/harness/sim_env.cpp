@@ -7,7 +7,9 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <stdexcept>
 #include <thread>
 
@@ -127,6 +130,69 @@ size_t SimEnv::daemon_ring_mappings() const {
         if (line.find(root_ + "/dom") != std::string::npos && line.find("/mem") != std::string::npos) ++n;
     }
     return n;
+}
+
+double SimEnv::daemon_cpu_seconds() const {
+    std::ifstream stat(fmt::format("/proc/{}/stat", daemon_pid_));
+    std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    // Fields after "(comm)": state is field 3, utime 14, stime 15.
+    const auto close_paren = text.rfind(')');
+    if (close_paren == std::string::npos) throw std::runtime_error("cannot parse /proc/<xensockd>/stat");
+    std::istringstream fields(text.substr(close_paren + 2));
+    std::string field;
+    unsigned long long utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && fields >> field; ++i) {
+        if (i == 14) utime = std::stoull(field);
+        if (i == 15) stime = std::stoull(field);
+    }
+    return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+nlohmann::json SimEnv::control(const nlohmann::json& request) const {
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw std::runtime_error("socket(AF_UNIX) failed");
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    const std::string path = control_path();
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) {
+        ::close(fd);
+        throw std::runtime_error(fmt::format("cannot connect to {}: {}", path, std::strerror(errno)));
+    }
+    const std::string line = request.dump() + "\n";
+    std::string answer;
+    bool ok = ::send(fd, line.data(), line.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(line.size());
+    char buf[65536];
+    while (ok && answer.find('\n') == std::string::npos) {
+        const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+        if (n <= 0) break;
+        answer.append(buf, static_cast<size_t>(n));
+    }
+    ::close(fd);
+    if (answer.find('\n') == std::string::npos)
+        throw std::runtime_error(fmt::format("no answer on {} to {}", path, request.dump()));
+    return nlohmann::json::parse(answer.substr(0, answer.find('\n')));
+}
+
+uint64_t SimEnv::counter(const std::string& name, int domid) const {
+    nlohmann::json request{{"op", "stats"}};
+    if (domid >= 0) request["domid"] = domid;
+    const auto answer = control(request);
+    uint64_t total = 0;
+    if (!answer.value("ok", false)) return 0;  // no session (any more)
+    for (const auto& s : answer["sessions"]) {
+        const auto& counters = s["counters"];
+        if (counters.contains(name)) total += counters[name].get<uint64_t>();
+    }
+    return total;
+}
+
+size_t SimEnv::session_count(int domid) const {
+    nlohmann::json request{{"op", "list"}};
+    if (domid >= 0) request["domid"] = domid;
+    const auto answer = control(request);
+    if (!answer.value("ok", false)) return 0;
+    return answer["sessions"].size();
 }
 
 std::string SimEnv::backend_path(platform::DomId guest, const wire::ProtocolProfile& profile) const {

@@ -9,6 +9,7 @@
 #include "xensock/platform/xenstore.hpp"
 #include "xensock/wire/profile.hpp"
 
+#include <nlohmann/json.hpp>
 #include <sys/types.h>
 
 #include <chrono>
@@ -51,6 +52,16 @@ public:
     size_t daemon_fd_count() const;
     size_t daemon_ring_mappings() const;
     size_t daemon_sockets() const;  // fds that are sockets
+    // User + system CPU time the daemon has used, from /proc/<pid>/stat.
+    double daemon_cpu_seconds() const;
+    // One request on the daemon's control socket (what xensockctl sends),
+    // e.g. {"op": "stats", "domid": 3}; the answer, or throws.
+    nlohmann::json control(const nlohmann::json& request) const;
+    // A counter of guest `domid`'s sessions (summed over its protocols), or
+    // of all sessions (domid < 0), from the "stats" answer; 0 if absent.
+    uint64_t counter(const std::string& name, int domid = -1) const;
+    // Sessions the daemon serves now (the "list" answer).
+    size_t session_count(int domid = -1) const;
 
     // The toolstack role.
     void attach(platform::DomId guest, const wire::ProtocolProfile& profile);

@@ -1,12 +1,19 @@
 // Cancellation: every kind of operation cancelled while it sits in the kernel
-// returns -ECANCELED promptly and its coroutine unwinds; parents cancel
+// returns -ECANCELED promptly and its coroutine unwinds, and nothing resumes
+// it afterwards, even when what it waited for then happens; a completion
+// reaped in the same turn as the cancel keeps its result; parents cancel
 // children; an already-cancelled token submits nothing; a reactor destroyed
-// with operations in flight finishes them first.
+// with operations in flight finishes them first, waiting for one that
+// cannot be cancelled.
 #include "support.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+
+#include <thread>
 
 #include <functional>
 #include <vector>
@@ -22,9 +29,10 @@ Task<void> cancel_after(Reactor& r, CancelSource& src, std::chrono::milliseconds
     src.cancel();
 }
 
-// Set by a coroutine on its way out, after the cancelled await.
+// Kept by a coroutine: how often it came back from the cancelled await
+// (exactly once, ever), and its frame's unwinding.
 struct Trace {
-    bool after = false;
+    int resumed = 0;
     int unwound = 0;  // DtorCounter in the frame
 };
 
@@ -32,7 +40,7 @@ Task<int> recv_op(Reactor& r, int fd, CancelToken t, Trace& tr) {
     DtorCounter guard(tr.unwound);
     char buf[32];
     const int rc = co_await r.recv(fd, buf, sizeof buf, 0, t);
-    tr.after = true;
+    ++tr.resumed;
     co_return rc;
 }
 
@@ -40,7 +48,7 @@ Task<int> recv_deadline_op(Reactor& r, int fd, CancelToken t, Trace& tr) {
     DtorCounter guard(tr.unwound);
     char buf[32];
     const int rc = co_await r.recv(fd, buf, sizeof buf, 0, t).timeout(10s);
-    tr.after = true;
+    ++tr.resumed;
     co_return rc;
 }
 
@@ -48,42 +56,60 @@ Task<int> accept_op(Reactor& r, int fd, CancelToken t, Trace& tr) {
     DtorCounter guard(tr.unwound);
     const int rc = co_await r.accept(fd, nullptr, nullptr, SOCK_CLOEXEC, t);
     if (rc >= 0) ::close(rc);
-    tr.after = true;
+    ++tr.resumed;
     co_return rc;
 }
 
 Task<int> connect_op(Reactor& r, int fd, sockaddr_in to, CancelToken t, Trace& tr) {
     DtorCounter guard(tr.unwound);
     const int rc = co_await r.connect(fd, reinterpret_cast<const sockaddr*>(&to), sizeof to, t);
-    tr.after = true;
+    ++tr.resumed;
     co_return rc;
 }
 
 Task<int> poll_op(Reactor& r, int fd, CancelToken t, Trace& tr) {
     DtorCounter guard(tr.unwound);
     const int rc = co_await r.poll(fd, POLLIN, t);
-    tr.after = true;
+    ++tr.resumed;
     co_return rc;
 }
 
 Task<int> sleep_op(Reactor& r, CancelToken t, Trace& tr) {
     DtorCounter guard(tr.unwound);
     const int rc = co_await r.sleep_for(std::chrono::hours(1), t);
-    tr.after = true;
+    ++tr.resumed;
     co_return rc;
+}
+
+// Cancelled at 30 ms, long before it would expire; the test then runs on
+// past the expiry.
+Task<int> short_sleep_op(Reactor& r, CancelToken t, Trace& tr) {
+    DtorCounter guard(tr.unwound);
+    const int rc = co_await r.sleep_for(150ms, t);
+    ++tr.resumed;
+    co_return rc;
+}
+
+Task<void> settle(Reactor& r, std::chrono::milliseconds d) {
+    const int rc = co_await r.sleep_for(d);
+    CHECK(rc == 0);
 }
 
 Task<int> event_op(Event& ev, CancelToken t, Trace& tr) {
     DtorCounter guard(tr.unwound);
     const bool fired = co_await ev.wait(t);
-    tr.after = true;
+    ++tr.resumed;
     co_return fired ? 1 : -ECANCELED;
 }
 
 // Runs the operation made by `make`, cancels it mid-way, and checks the
 // outcome: -ECANCELED, promptly, with the coroutine unwound and nothing left
-// in flight.
-void expect_cancelled_mid_op(const std::function<Task<int>(Reactor&, CancelToken, Trace&)>& make) {
+// in flight. Then `afterwards` makes happen what the operation waited for
+// (data, a connection, the event) and the reactor runs on for `run_on`
+// (past a timer's expiry): the coroutine must not have come back again.
+void expect_cancelled_mid_op(const std::function<Task<int>(Reactor&, CancelToken, Trace&)>& make,
+                             const std::function<void()>& afterwards = {},
+                             std::chrono::milliseconds run_on = 50ms) {
     Watchdog wd;
     Reactor r;
     CancelSource src;
@@ -95,10 +121,50 @@ void expect_cancelled_mid_op(const std::function<Task<int>(Reactor&, CancelToken
     CHECK(rc == -ECANCELED);
     CHECK(elapsed >= 30ms);  // it really waited for the cancel
     CHECK(elapsed < 2s);     // and the cancel was prompt
-    CHECK(tr.after);
+    CHECK(tr.resumed == 1);
     CHECK(tr.unwound == 1);
     CHECK(r.in_flight() == 0);
     CHECK(r.live_tasks() == 0);
+
+    if (afterwards) afterwards();
+    r.run_until(settle(r, run_on));
+    CHECK(tr.resumed == 1);  // nothing resumed it afterwards
+    CHECK(tr.unwound == 1);
+    CHECK(r.in_flight() == 0);
+    CHECK(r.live_tasks() == 0);
+}
+
+// A recv on one socket, with a deadline, under a token of its own; when it
+// comes back it cancels the other one's token. Two of these time out in one
+// reactor turn (the thread is kept busy meanwhile), so the second to resume
+// is cancelled after its completion was reaped but before it ran.
+Task<void> recv_then_cancel_other(Reactor& r, int fd, CancelToken mine, CancelSource& other, int& result,
+                                  int& resumed) {
+    char buf[8];
+    auto op = r.recv(fd, buf, sizeof buf, 0, mine);
+    op.timeout(5ms);
+    result = co_await op;
+    ++resumed;
+    other.cancel();
+}
+
+// Lets every queued SQE reach the kernel, then keeps the thread from reaping
+// for a while: completions meanwhile all arrive in the next turn.
+Task<void> hold_the_thread(Reactor& r, std::chrono::milliseconds d) {
+    co_await r.sleep_for(1ms);
+    std::this_thread::sleep_for(d);
+}
+
+// A write of `iov` at the file position; cancellation cannot stop it (see
+// the test that uses it).
+Task<void> write_all(Reactor& r, int fd, const std::vector<iovec>& iov, int& result, int& resumed) {
+    result = co_await r.writev(fd, iov.data(), static_cast<unsigned>(iov.size()));
+    ++resumed;
+}
+
+Task<void> stop_after(Reactor& r, std::chrono::milliseconds d) {
+    co_await r.sleep_for(d);
+    r.stop();
 }
 
 Task<void> record_recv(Reactor& r, int fd, CancelToken t, int& out, Latch& latch) {
@@ -247,21 +313,41 @@ struct Pump {
 
 TEST_SUITE("cancel") {
 
-TEST_CASE("a recv cancelled mid-operation returns -ECANCELED") {
-    auto [a, b] = tcp_pair();
-    expect_cancelled_mid_op([fd = b.get()](Reactor& r, CancelToken t, Trace& tr) { return recv_op(r, fd, t, tr); });
+// Data sent after the cancel is still there afterwards: the cancelled recv
+// took none of it.
+void expect_unread(int fd) {
+    char buf[8];
+    CHECK(::recv(fd, buf, sizeof buf, MSG_DONTWAIT) == 4);
 }
 
-TEST_CASE("a recv with a deadline cancelled before it returns -ECANCELED, not -ETIMEDOUT") {
+TEST_CASE("a recv cancelled mid-operation returns -ECANCELED, and data arriving later does not resume it") {
     auto [a, b] = tcp_pair();
+    expect_cancelled_mid_op([fd = b.get()](Reactor& r, CancelToken t, Trace& tr) { return recv_op(r, fd, t, tr); },
+                            [fd = a.get()] { REQUIRE(::send(fd, "late", 4, MSG_NOSIGNAL) == 4); });
+    expect_unread(b.get());
+}
+
+TEST_CASE("a recv with a deadline cancelled before it returns -ECANCELED, not -ETIMEDOUT, and nothing later") {
+    auto [a, b] = tcp_pair();
+    // Running on past the deadline (10 s) is not needed: the linked timeout
+    // went with the recv.
     expect_cancelled_mid_op(
-        [fd = b.get()](Reactor& r, CancelToken t, Trace& tr) { return recv_deadline_op(r, fd, t, tr); });
+        [fd = b.get()](Reactor& r, CancelToken t, Trace& tr) { return recv_deadline_op(r, fd, t, tr); },
+        [fd = a.get()] { REQUIRE(::send(fd, "late", 4, MSG_NOSIGNAL) == 4); });
+    expect_unread(b.get());
 }
 
-TEST_CASE("an accept cancelled mid-operation returns -ECANCELED") {
+TEST_CASE("an accept cancelled mid-operation returns -ECANCELED, and a later connection does not resume it") {
     Listener l = listen_loopback();
+    Fd client = tcp_socket();
     expect_cancelled_mid_op(
-        [fd = l.fd.get()](Reactor& r, CancelToken t, Trace& tr) { return accept_op(r, fd, t, tr); });
+        [fd = l.fd.get()](Reactor& r, CancelToken t, Trace& tr) { return accept_op(r, fd, t, tr); },
+        [&] {
+            REQUIRE(::connect(client.get(), reinterpret_cast<const sockaddr*>(&l.addr), sizeof l.addr) == 0);
+        });
+    // Still queued: the cancelled accept took nothing.
+    Fd accepted(::accept4(l.fd.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+    CHECK(accepted.get() >= 0);
 }
 
 TEST_CASE("a connect cancelled mid-operation returns -ECANCELED") {
@@ -276,31 +362,61 @@ TEST_CASE("a connect cancelled mid-operation returns -ECANCELED") {
     });
 }
 
-TEST_CASE("a poll cancelled mid-operation returns -ECANCELED") {
+TEST_CASE("a poll cancelled mid-operation returns -ECANCELED, and the fd turning readable does not resume it") {
     int p[2];
     REQUIRE(::pipe2(p, O_CLOEXEC | O_NONBLOCK) == 0);
     Fd rd(p[0]), wr(p[1]);
-    expect_cancelled_mid_op([fd = rd.get()](Reactor& r, CancelToken t, Trace& tr) { return poll_op(r, fd, t, tr); });
+    expect_cancelled_mid_op([fd = rd.get()](Reactor& r, CancelToken t, Trace& tr) { return poll_op(r, fd, t, tr); },
+                            [fd = wr.get()] { REQUIRE(::write(fd, "x", 1) == 1); });
 }
 
 TEST_CASE("a sleep cancelled mid-operation returns -ECANCELED") {
     expect_cancelled_mid_op([](Reactor& r, CancelToken t, Trace& tr) { return sleep_op(r, t, tr); });
 }
 
-TEST_CASE("an Event wait cancelled mid-operation returns not-fired") {
+TEST_CASE("a sleep cancelled mid-operation is not resumed when its time would have come") {
+    // Cancelled at 30 ms; the reactor then runs until well past 150 ms.
+    expect_cancelled_mid_op([](Reactor& r, CancelToken t, Trace& tr) { return short_sleep_op(r, t, tr); }, {},
+                            200ms);
+}
+
+TEST_CASE("an Event wait cancelled mid-operation returns not-fired, and a later set does not resume it") {
     Reactor* owner = nullptr;
     std::unique_ptr<Event> ev;
-    expect_cancelled_mid_op([&](Reactor& r, CancelToken t, Trace& tr) {
-        owner = &r;
-        ev = std::make_unique<Event>(r);
-        return event_op(*ev, t, tr);
-    });
-    // Still usable, with no stale waiter left behind: a set now is stored.
+    expect_cancelled_mid_op(
+        [&](Reactor& r, CancelToken t, Trace& tr) {
+            owner = &r;
+            ev = std::make_unique<Event>(r);
+            return event_op(*ev, t, tr);
+        },
+        [&] { ev->set(); });
+    // No stale waiter took the set: it is stored for the next wait.
     REQUIRE(ev);
-    ev->set();
     CHECK(ev->is_set());
     ev.reset();
     (void)owner;
+}
+
+TEST_CASE("an operation cancelled after its completion was reaped, before it resumed, keeps its result") {
+    Watchdog wd;
+    Reactor r;
+    auto [a1, b1] = tcp_pair();
+    auto [a2, b2] = tcp_pair();
+    CancelSource first, second;
+    int result1 = 1, result2 = 1, resumed1 = 0, resumed2 = 0;
+    // Both deadlines (5 ms) pass while the thread is held (100 ms): both
+    // completions are reaped in one turn, and whichever resumes first
+    // cancels the other, which must still see its own result.
+    r.spawn(recv_then_cancel_other(r, b1.get(), first.token(), second, result1, resumed1));
+    r.spawn(recv_then_cancel_other(r, b2.get(), second.token(), first, result2, resumed2));
+    r.spawn(hold_the_thread(r, 100ms));
+    r.run_until(settle(r, 150ms));
+    CHECK(result1 == -ETIMEDOUT);
+    CHECK(result2 == -ETIMEDOUT);
+    CHECK(resumed1 == 1);
+    CHECK(resumed2 == 1);
+    CHECK(r.in_flight() == 0);
+    CHECK(r.live_tasks() == 0);
 }
 
 TEST_CASE("cancelling a parent source cancels its children and grandchildren") {
@@ -402,6 +518,29 @@ TEST_CASE("a reactor destroyed with uncancelled operations in flight cancels the
     CHECK(result == -ECANCELED);
     CHECK(cleanup_resumed == 1);
     CHECK(cleanup_unwound == 1);
+}
+
+TEST_CASE("a reactor destroyed while an operation ignores cancellation waits for it to end") {
+    Watchdog wd;
+    // A large buffered write to a tmpfs file runs in io_uring's worker
+    // thread, where a cancellation only stops it at a fatal signal: it goes
+    // on to the end (a few hundred ms). The destructor must wait for it (up
+    // to its limit), not count its own cancel request's completion as
+    // progress and give up after a burst of immediate rounds.
+    Fd file(::memfd_create("xensock-cancel-test", MFD_CLOEXEC));
+    REQUIRE(file.get() >= 0);
+    std::vector<char> chunk(1 << 20, 'x');
+    const std::vector<iovec> iov(512, iovec{chunk.data(), chunk.size()});
+    int result = 1, resumed = 0;
+    {
+        Reactor r;
+        r.spawn(write_all(r, file.get(), iov, result, resumed));
+        r.spawn(stop_after(r, 20ms));
+        r.run();
+        REQUIRE(r.in_flight() == 1);  // still writing
+    }
+    CHECK(resumed == 1);  // finished inside the destructor, frame not leaked
+    CHECK(result == 512 << 20);
 }
 
 TEST_CASE("a spawned task that never ran is finished by the reactor's destructor") {

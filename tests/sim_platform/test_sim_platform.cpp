@@ -11,11 +11,13 @@
 #include <doctest/doctest.h>
 
 #include "xensock/platform/platform.hpp"
+#include "xensock/runtime/reactor.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -34,6 +36,7 @@
 #include <functional>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -45,6 +48,9 @@ namespace fs = std::filesystem;
 using xp::DomId;
 using xp::GrantRef;
 using xp::Port;
+namespace rt = xensock::rt;
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
 
 constexpr DomId kGuest = 5;
 constexpr int kWaitMs = 5000;  // generous bound for anything that should be immediate
@@ -101,6 +107,8 @@ public:
         words.resize(static_cast<size_t>(n) / sizeof(uint32_t));
         return words;
     }
+
+    int fd() const { return fd_; }
 
 private:
     int fd_;
@@ -202,6 +210,12 @@ std::vector<Port> wait_pending(xp::EventChannel& ch) {
     return pending_of(ch);
 }
 
+// bind_interdomain() on a reactor of its own, to completion.
+xensock::Result<xp::BoundPort> bind_now(xp::EventChannel& ch, DomId remote, Port remote_port) {
+    xensock::rt::Reactor reactor;
+    return reactor.run_until(ch.bind_interdomain(reactor, remote, remote_port));
+}
+
 xensock::Result<xp::GrantMapping> map1(xp::GrantMapper& m, DomId d, GrantRef ref, bool writable) {
     return m.map(d, std::span<const GrantRef>(&ref, 1), writable);
 }
@@ -271,6 +285,71 @@ bool send_ev(const std::string& path, uint32_t magic, uint32_t op, uint32_t dom,
 
 constexpr uint32_t kMagic = 0x58534556;
 constexpr uint32_t kBind = 1, kNotify = 2, kClose = 3;
+
+// A datagram socket bound at `path`, as a process that can create files there
+// could make one. Closed (and its file removed) when destroyed.
+class BoundSocket {
+public:
+    explicit BoundSocket(std::string path) : path_(std::move(path)) {
+        fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (fd_ < 0) throw std::runtime_error("socket");
+        sockaddr_un a{};
+        a.sun_family = AF_UNIX;
+        std::strncpy(a.sun_path, path_.c_str(), sizeof a.sun_path - 1);
+        if (::bind(fd_, reinterpret_cast<const sockaddr*>(&a), sizeof a) != 0) {
+            ::close(fd_);
+            throw std::runtime_error("bind " + path_ + ": " + std::strerror(errno));
+        }
+    }
+    BoundSocket(const BoundSocket&) = delete;
+    BoundSocket& operator=(const BoundSocket&) = delete;
+    ~BoundSocket() {
+        ::close(fd_);
+        ::unlink(path_.c_str());
+    }
+    // Sends a well-formed XSEV datagram to the socket at `to`.
+    bool send_ev(const std::string& to, uint32_t op, uint32_t dom, uint32_t port) const {
+        const uint32_t d[4] = {kMagic, op, dom, port};
+        return send_bytes(to, d, sizeof d);
+    }
+    // Sends any datagram; false (errno says why) if the kernel refused it.
+    bool send_bytes(const std::string& to, const void* data, size_t len) const {
+        const sockaddr_un a = address(to);
+        return ::sendto(fd_, data, len, MSG_DONTWAIT, reinterpret_cast<const sockaddr*>(&a), sizeof a) ==
+               static_cast<ssize_t>(len);
+    }
+    // The next datagram queued on it, if any (it never waits: whatever was
+    // sent to it before is there already).
+    std::optional<std::vector<uint32_t>> recv_ev() const {
+        std::vector<uint32_t> words(8);
+        const auto n = ::recv(fd_, words.data(), words.size() * sizeof(uint32_t), MSG_DONTWAIT);
+        if (n < 0) return std::nullopt;
+        words.resize(static_cast<size_t>(n) / sizeof(uint32_t));
+        return words;
+    }
+    // connect(): to the socket at `to`, or with an empty `to` away again.
+    bool connect_to(const std::string& to) const {
+        sockaddr_un a = address(to);
+        if (to.empty()) a.sun_family = AF_UNSPEC;
+        return ::connect(fd_, reinterpret_cast<const sockaddr*>(&a), sizeof a) == 0;
+    }
+    // Moves its socket file (the socket keeps the address it was bound to).
+    void rename_to(std::string path) {
+        if (::rename(path_.c_str(), path.c_str()) != 0) throw std::runtime_error("rename " + path_);
+        path_ = std::move(path);
+    }
+
+private:
+    static sockaddr_un address(const std::string& path) {
+        sockaddr_un a{};
+        a.sun_family = AF_UNIX;
+        std::strncpy(a.sun_path, path.c_str(), sizeof a.sun_path - 1);
+        return a;
+    }
+
+    std::string path_;
+    int fd_ = -1;
+};
 
 }  // namespace
 
@@ -514,8 +593,12 @@ TEST_CASE("only grants to us map: EPERM otherwise, and a grant's end refuses new
     guest.chan().send({1});
     guest.chan().recv();  // the guest ended that grant
     CHECK(map1(*mapper, kGuest, to0, true).error() == EPERM);
-    // Ending a grant does not revoke an existing mapping.
-    CHECK(std::memcmp(m->bytes(), "still here", 11) == 0);
+    // Ending a grant does not revoke an existing mapping: it stays usable.
+    // The guest also freed the page, and sim gives its memory back at once
+    // (the frame is never used again), so it now reads as zeros.
+    CHECK(read_u32(m->bytes()) == 0);
+    std::memcpy(m->bytes(), "written late", 13);
+    CHECK(std::memcmp(m->bytes(), "written late", 13) == 0);
     guest.chan().send({2});
     CHECK(guest.wait() == 0);
 }
@@ -751,6 +834,40 @@ TEST_CASE("a guest shrinking its memory under a mapping does not crash the backe
     CHECK(guest.wait() == 0);
 }
 
+TEST_CASE("the SIGBUS guard grows with the live mappings: a shrink under the 20000th does not crash") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    // Here the test process is the guest; the forked process maps.
+    auto plat = xp::open_sim_platform(root.dir, kGuest);
+    auto sharer = plat->open_grant_sharer();
+    auto page = sharer->share(0, 1, true);
+    REQUIRE(page.ok());
+    const GrantRef ref = page->refs()[0];
+    constexpr uint32_t kMappings = 20000;  // more than any fixed guard this had
+    Process backend([dir, ref](Chan& c) {
+        auto be = xp::open_sim_platform(dir, 0);
+        auto mapper = be->open_grant_mapper();
+        std::vector<xp::GrantMapping> held;
+        held.reserve(kMappings);
+        for (uint32_t i = 0; i < kMappings; ++i) {
+            auto m = map1(*mapper, kGuest, ref, true);
+            G_REQUIRE(m.ok());
+            held.push_back(std::move(m.value()));
+        }
+        c.send({kMappings});
+        c.recv();  // mem is empty now: every page would fault
+        for (auto& m : held) G_REQUIRE(reinterpret_cast<volatile const unsigned char*>(m.bytes())[7] == 0);
+        std::memcpy(held.back().bytes(), "still alive", 12);
+        held.clear();
+        G_REQUIRE(mapper->live_mappings() == 0);
+        c.send({1});
+    });
+    REQUIRE(backend.chan().recv(60000).at(0) == kMappings);
+    REQUIRE(::truncate((root.dom(kGuest) + "/mem").c_str(), 0) == 0);
+    backend.chan().send({1});
+    CHECK(backend.wait(60000) == 0);
+}
+
 TEST_CASE("a restarted guest's new files are used, old mappings keep the old pages") {
     TempRoot root;
     const std::string dir = root.dir;
@@ -782,12 +899,15 @@ TEST_CASE("a restarted guest's new files are used, old mappings keep the old pag
     auto fresh = map1(*mapper, kGuest, ref2, true);
     REQUIRE(fresh.ok());
     CHECK(std::strcmp(reinterpret_cast<const char*>(fresh->bytes()), "second boot") == 0);
-    CHECK(std::strcmp(reinterpret_cast<const char*>(old->bytes()), "first boot") == 0);
+    // The old mapping still works and shows nothing of the new incarnation
+    // (its page was freed when the first guest ended: zeros).
+    CHECK(std::strcmp(reinterpret_cast<const char*>(old->bytes()), "second boot") != 0);
+    CHECK(read_u32(old->bytes()) == 0);
     second.chan().send({1});
     CHECK(second.wait() == 0);
 }
 
-TEST_CASE("the sharer reuses freed pages and refs and reports ENOSPC when refs run out") {
+TEST_CASE("the sharer reuses freed refs, never frames, returns their memory, and reports ENOSPC when refs run out") {
     TempRoot root;
     struct statvfs vfs {};
     // Every ref granted is 128 MiB of /dev/shm.
@@ -814,15 +934,20 @@ TEST_CASE("the sharer reuses freed pages and refs and reports ENOSPC when refs r
         G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0);
         const off_t full = st.st_size;
         G_REQUIRE(full == off_t{32760} * 4096);
-        // Dirty every page, so reuse must zero them again.
+        // Dirty every page: none of it may show up again.
         for (auto& h : held) std::memset(h.bytes(), 0xAB, h.size());
         std::memset(last->bytes(), 0xAB, last->size());
+        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_blocks * 512 >= full);
         held.clear();
         last->reset();
+        // The memory went back to the system (holes), though the size stays.
+        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_size == full);
+        G_REQUIRE(st.st_blocks * 512 < (1 << 20));
         auto again = sharer->share(0, 1024, true);
         G_REQUIRE(again.ok());
         for (size_t i = 0; i < 1024; ++i) G_REQUIRE(read_u32(again->bytes() + 4096 * i + 4092) == 0);
-        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_size == full);  // frames reused
+        // Fresh frames past the old ones: the table names frames >= 32760.
+        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_size == full + off_t{1024} * 4096);
         c.send({again->refs()[0], again->refs()[1023]});
         c.recv();
     });
@@ -832,6 +957,99 @@ TEST_CASE("the sharer reuses freed pages and refs and reports ENOSPC when refs r
     CHECK(mapper->map(kGuest, std::vector<GrantRef>{refs.at(0), refs.at(1)}, true).ok());
     guest.chan().send({1});
     CHECK(guest.wait(30000) == 0);
+}
+
+TEST_CASE("a backend still mapping an ended grant never sees, nor touches, what is granted next") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    Process guest([dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto sharer = plat->open_grant_sharer();
+        auto first = sharer->share(0, 2, true);
+        G_REQUIRE(first.ok());
+        std::memcpy(first->bytes(), "first grant", 12);
+        c.send({first->refs()[0], first->refs()[1]});
+        c.recv();  // mapped
+        first->reset();
+        // The next grants, to the backend and to another domain, take the
+        // same refs but must not take the same pages.
+        auto next = sharer->share(0, 1, true);
+        auto other = sharer->share(6, 1, true);
+        G_REQUIRE(next.ok() && other.ok());
+        std::memcpy(next->bytes(), "secret for the next grant", 26);
+        std::memcpy(other->bytes(), "secret for domain 6", 20);
+        c.send({next->refs()[0]});
+        c.recv();  // the backend wrote through its stale mapping
+        G_REQUIRE(std::memcmp(next->bytes(), "secret for the next grant", 26) == 0);
+        G_REQUIRE(std::memcmp(other->bytes(), "secret for domain 6", 20) == 0);
+        c.send({1});
+        c.recv();
+    });
+    const auto refs = guest.chan().recv();
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto mapper = backend->open_grant_mapper();
+    auto stale = mapper->map(kGuest, std::vector<GrantRef>{refs.at(0), refs.at(1)}, true);
+    REQUIRE(stale.ok());
+    CHECK(std::memcmp(stale->bytes(), "first grant", 12) == 0);
+    guest.chan().send({1});
+    const GrantRef next_ref = guest.chan().recv().at(0);
+    CHECK((next_ref == refs.at(0) || next_ref == refs.at(1)));  // refs are reused: pages must not be
+    const std::string seen(reinterpret_cast<const char*>(stale->bytes()), stale->size());
+    CHECK(seen.find("secret") == std::string::npos);
+    std::memset(stale->bytes(), 'S', stale->size());
+    auto next = map1(*mapper, kGuest, next_ref, false);
+    REQUIRE(next.ok());
+    CHECK(std::memcmp(next->bytes(), "secret for the next grant", 26) == 0);
+    guest.chan().send({1});
+    guest.chan().recv();
+    guest.chan().send({2});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("when the memory file cannot grow, the sharer goes round to frames no grant uses") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    Process guest([dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto sharer = plat->open_grant_sharer();  // sets up the 256 KiB grant table
+        // From now on, no file of ours may grow past 16 frames.
+        ::signal(SIGXFSZ, SIG_IGN);
+        const rlimit limit{16 * 4096, 16 * 4096};
+        G_REQUIRE(::setrlimit(RLIMIT_FSIZE, &limit) == 0);
+        const int table = ::open((dir + "/dom5/gnttab").c_str(), O_RDONLY);
+        G_REQUIRE(table >= 0);
+        auto frame_of = [&](GrantRef r) {
+            uint32_t frame = 0;
+            G_REQUIRE(::pread(table, &frame, 4, static_cast<off_t>(r) * 8 + 4) == 4);
+            return frame;
+        };
+        auto held = sharer->share(0, 3, true);  // frames 0..2, kept throughout
+        G_REQUIRE(held.ok());
+        std::memset(held->bytes(), 'H', held->size());
+        std::vector<uint32_t> seen;
+        for (int i = 0; i < 40; ++i) {
+            auto p = sharer->share(0, 2, true);
+            G_REQUIRE(p.ok());
+            for (size_t k = 0; k < 2; ++k) {
+                const uint32_t f = frame_of(p->refs()[k]);
+                G_REQUIRE(f >= 3 && f < 16);  // never a live frame, never past the limit
+                G_REQUIRE(read_u32(p->bytes() + k * 4096 + 100) == 0);  // emptied before reuse
+                seen.push_back(f);
+            }
+            std::memset(p->bytes(), 'x', p->size());
+        }
+        // In increasing order up to the limit (the pair 15+16 does not fit),
+        // then round again to the lowest frames not held.
+        for (uint32_t k = 0; k < 12; ++k) G_REQUIRE(seen[k] == 3 + k);
+        G_REQUIRE(seen[12] == 3 && seen[13] == 4);
+        for (size_t k = 0; k < held->size(); ++k) G_REQUIRE(held->bytes()[k] == std::byte{'H'});
+        struct stat st {};
+        G_REQUIRE(::stat((dir + "/dom5/mem").c_str(), &st) == 0 && st.st_size <= 16 * 4096);
+        ::close(table);
+        c.send({1});
+    });
+    CHECK(guest.chan().recv().at(0) == 1);
+    CHECK(guest.wait() == 0);
 }
 
 // =========================================================== event channels
@@ -866,7 +1084,7 @@ TEST_CASE("notify both ways, including a guest that notifies before draining the
 
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, guest_port);
+    auto bound = bind_now(*ch, kGuest, guest_port);
     REQUIRE(bound.ok());
     CHECK(ch->bound_ports() == 1);
     CHECK(fs::exists(root.port(0, bound->port())));
@@ -906,12 +1124,23 @@ TEST_CASE("notifies coalesce into one event, and never fail") {
     const Port guest_port = guest.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, guest_port);
+    auto bound = bind_now(*ch, kGuest, guest_port);
     REQUIRE(bound.ok());
     guest.chan().send({1});
     guest.chan().recv();
 
-    CHECK(wait_pending(*ch) == std::vector<Port>{bound->port()});
+    // Our port is connected to the guest's socket, so the kernel queues the
+    // guest's datagrams up to its send buffer, not net.unix.max_dgram_qlen:
+    // a few hundred, drained 256 per pending() call, so one event per 256
+    // (each meaning "look again"), and then nothing.
+    size_t events = 0;
+    for (int calls = 0; calls < 100 && readable(ch->fd(), events == 0 ? kWaitMs : 0); ++calls) {
+        const auto fired = pending_of(*ch);
+        CHECK((fired.empty() || fired == std::vector<Port>{bound->port()}));
+        events += fired.size();
+    }
+    CHECK(events >= 1);
+    CHECK(events <= 1000 / 256 + 1);
     CHECK(pending_of(*ch).empty());
     CHECK_FALSE(readable(ch->fd(), 0));
 
@@ -944,7 +1173,7 @@ TEST_CASE("a notify before the backend binds is dropped, not delivered later") {
     const Port guest_port = guest.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, guest_port);
+    auto bound = bind_now(*ch, kGuest, guest_port);
     REQUIRE(bound.ok());
     guest.chan().send({1});
     guest.chan().recv();
@@ -987,7 +1216,7 @@ TEST_CASE("CLOSE: the guest notices the backend unbinding; later notifies are dr
     const Port guest_port = guest.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, guest_port);
+    auto bound = bind_now(*ch, kGuest, guest_port);
     REQUIRE(bound.ok());
     const Port q = bound->port();
     REQUIRE(bound->notify().ok());
@@ -1002,7 +1231,7 @@ TEST_CASE("CLOSE: the guest notices the backend unbinding; later notifies are dr
     CHECK(pending_of(*ch).empty());
 
     auto ch2 = backend->open_event_channel();  // "restarted"
-    auto again = ch2->bind_interdomain(kGuest, guest_port);
+    auto again = bind_now(*ch2, kGuest, guest_port);
     REQUIRE(again.ok());
     guest.chan().send({2});
     guest.chan().recv();
@@ -1031,7 +1260,7 @@ TEST_CASE("a backend killed without CLOSE: the guest's notify still succeeds and
     Process backend([dir, p](Chan& c) {
         auto be = xp::open_sim_platform(dir, 0);
         auto bch = be->open_event_channel();
-        auto bound = bch->bind_interdomain(kGuest, p);
+        auto bound = bind_now(*bch, kGuest, p);
         G_REQUIRE(bound.ok());
         c.send({bound->port()});
         c.recv();  // never comes: killed
@@ -1049,7 +1278,7 @@ TEST_CASE("a backend killed without CLOSE: the guest's notify still succeeds and
     Process backend2([dir, p](Chan& c) {
         auto be = xp::open_sim_platform(dir, 0);
         auto bch = be->open_event_channel();
-        auto bound = bch->bind_interdomain(kGuest, p);
+        auto bound = bind_now(*bch, kGuest, p);
         G_REQUIRE(bound.ok());
         c.send({bound->port()});
         G_REQUIRE(wait_pending(*bch) == std::vector<Port>{bound->port()});
@@ -1100,14 +1329,14 @@ TEST_CASE("bind_interdomain is refused unless .remote names us") {
     auto ch = backend->open_event_channel();
     for (size_t i = 0; i < 6; ++i) {
         CAPTURE(i);
-        CHECK(ch->bind_interdomain(kGuest, ports[i]).error() == EINVAL);
+        CHECK(bind_now(*ch, kGuest, ports[i]).error() == EINVAL);
     }
-    CHECK(ch->bind_interdomain(kGuest, 999).error() == EINVAL);  // no such port
-    CHECK(ch->bind_interdomain(kGuest, 0).error() == EINVAL);
-    CHECK(ch->bind_interdomain(40000, 1).error() == EINVAL);
-    CHECK(ch->bind_interdomain(6, 1).error() == EINVAL);  // no such domain
+    CHECK(bind_now(*ch, kGuest, 999).error() == EINVAL);  // no such port
+    CHECK(bind_now(*ch, kGuest, 0).error() == EINVAL);
+    CHECK(bind_now(*ch, 40000, 1).error() == EINVAL);
+    CHECK(bind_now(*ch, 6, 1).error() == EINVAL);  // no such domain
     CHECK(ch->bound_ports() == 0);
-    CHECK(ch->bind_interdomain(kGuest, ports[6]).ok());
+    CHECK(bind_now(*ch, kGuest, ports[6]).ok());
     guest.chan().send({1});
     CHECK(guest.wait() == 0);
 }
@@ -1148,15 +1377,15 @@ TEST_CASE("a guest cannot steer a BIND to another guest's port through links") {
     const Port p = guests.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    CHECK(bind_now(*ch, kGuest, p).error() == EINVAL);
     guests.chan().send({0});
     guests.chan().recv();
-    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    CHECK(bind_now(*ch, kGuest, p).error() == EINVAL);
     guests.chan().send({0});
     guests.chan().recv();
-    CHECK(ch->bind_interdomain(kGuest, p).error() == EINVAL);
+    CHECK(bind_now(*ch, kGuest, p).error() == EINVAL);
     CHECK(ch->bound_ports() == 0);
-    auto legit = ch->bind_interdomain(6, p);
+    auto legit = bind_now(*ch, 6, p);
     REQUIRE(legit.ok());
     guests.chan().send({0});
     guests.chan().recv();
@@ -1179,24 +1408,15 @@ TEST_CASE("garbage datagrams are ignored and do not break the port") {
         G_REQUIRE(pending_of(*ch).empty());  // takes the BIND
         const std::string be = dir + "/dom0/evtchn/" + std::to_string(q);
 
-        // Batches below the socket queue limit (net.unix.max_dgram_qlen, 10 by default).
+        // The backend's port is connected to ours: the kernel turns away
+        // everybody else's datagrams. (The garbage our own port socket
+        // could send it is the next test's.)
         const std::string big(4096, 'g');
-        G_REQUIRE(send_raw(be, "", 0));
-        G_REQUIRE(send_raw(be, big.data(), 15));
-        G_REQUIRE(send_raw(be, big.data(), 17));
-        G_REQUIRE(send_raw(be, big.data(), big.size()));
-        G_REQUIRE(send_ev(be, 0x12345678, kNotify, kGuest, p));  // wrong magic
-        G_REQUIRE(send_ev(be, kMagic, 0, kGuest, p));            // op 0
-        G_REQUIRE(send_ev(be, kMagic, 99, kGuest, p));           // unknown op
-        G_REQUIRE(send_ev(be, kMagic, kNotify, kGuest, p + 1));  // not the peer's port
+        G_REQUIRE(!send_raw(be, "", 0) && errno == EPERM);
+        G_REQUIRE(!send_raw(be, big.data(), big.size()) && errno == EPERM);
+        G_REQUIRE(!send_ev(be, kMagic, kNotify, kGuest, p) && errno == EPERM);
+        G_REQUIRE(!send_ev(be, kMagic, kClose, kGuest, p) && errno == EPERM);
         c.send({1});
-        c.recv();
-        G_REQUIRE(send_ev(be, kMagic, kNotify, 6, p));           // not the peer's domain
-        G_REQUIRE(send_ev(be, kMagic, kBind, kGuest, p + 1));    // BIND to a port nobody offered
-        G_REQUIRE(send_ev(be, kMagic, kBind, 7, 1));             // forged, wrong domain
-        G_REQUIRE(send_ev(be, kMagic, kClose, 7, p));            // forged CLOSE
-        G_REQUIRE(send_ev(be, kMagic, kClose, kGuest, p + 1));   // CLOSE from another port
-        c.send({2});
         c.recv();
         G_REQUIRE(port->notify().ok());  // the real thing still works
         c.send({3});
@@ -1213,19 +1433,15 @@ TEST_CASE("garbage datagrams are ignored and do not break the port") {
     const Port p = guest.chan().recv().at(0);
     auto backend = xp::open_sim_platform(root.dir, 0);
     auto ch = backend->open_event_channel();
-    auto bound = ch->bind_interdomain(kGuest, p);
+    auto bound = bind_now(*ch, kGuest, p);
     REQUIRE(bound.ok());
     const Port q = bound->port();
     guest.chan().send({q});
 
-    for (int batch = 1; batch <= 2; ++batch) {
-        CAPTURE(batch);
-        guest.chan().recv();
-        CHECK(readable(ch->fd(), kWaitMs));  // there is something to drain
-        CHECK(pending_of(*ch).empty());      // but no event
-        CHECK_FALSE(readable(ch->fd(), 0));  // and all of it was drained
-        guest.chan().send({0});
-    }
+    guest.chan().recv();
+    CHECK_FALSE(readable(ch->fd(), 0));  // nothing arrived
+    CHECK(pending_of(*ch).empty());
+    guest.chan().send({0});
     guest.chan().recv();
     CHECK(wait_pending(*ch) == std::vector<Port>{q});
 
@@ -1240,5 +1456,561 @@ TEST_CASE("garbage datagrams are ignored and do not break the port") {
     guest.chan().send({0});
     guest.chan().recv();
     guest.chan().send({0});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("a datagram counts only when sent from the socket of the end it names") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    Process guest([dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto ch = plat->open_event_channel();
+        auto port = ch->bind_unbound(0);
+        auto decoy = ch->bind_unbound(0);
+        G_REQUIRE(port.ok());
+        G_REQUIRE(decoy.ok());
+        c.send({port->port(), decoy->port()});
+        c.recv();                             // both bound; forged datagrams sent to `port`
+        G_REQUIRE(pending_of(*ch).empty());   // takes both BINDs, ignores the forgeries
+        G_REQUIRE(port->notify().ok());       // must reach the real backend port
+        c.send({1});
+        c.recv();  // the backend forged at its own end, then notified for real
+        G_REQUIRE(wait_pending(*ch) == std::vector<Port>{port->port()});
+        c.send({2});
+        c.recv();
+    });
+    const auto ports = guest.chan().recv();
+    const Port p = ports.at(0), p2 = ports.at(1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    auto bound = bind_now(*ch, kGuest, p);
+    auto other = bind_now(*ch, kGuest, p2);  // a real dom0 socket to redirect the guest to
+    REQUIRE(bound.ok());
+    REQUIRE(other.ok());
+    const Port q = bound->port(), q2 = other->port();
+
+    // At the guest's port: BINDs that would move its peer to our other port,
+    // from an unnamed socket and from sockets bound elsewhere, and a CLOSE.
+    const std::string gp = root.port(kGuest, p);
+    CHECK(send_ev(gp, kMagic, kBind, 0, q2));
+    CHECK(send_ev(gp, kMagic, kClose, 0, q));
+    {
+        BoundSocket elsewhere(root.dir + "/elsewhere");
+        BoundSocket wrong_port(root.port(0, 4000));  // dom0's directory, but not port q2
+        CHECK(elsewhere.send_ev(gp, kBind, 0, q2));
+        CHECK(wrong_port.send_ev(gp, kBind, 0, q2));
+        CHECK(wrong_port.send_ev(gp, kClose, 0, q));
+    }
+    guest.chan().send({1});
+    guest.chan().recv();
+    CHECK(wait_pending(*ch) == std::vector<Port>{q});  // its peer is still q
+
+    // At our port: NOTIFY and CLOSE claiming to be the guest's port p. Our
+    // port is connected to p's socket, so the kernel refuses them all.
+    const std::string bp = root.port(0, q);
+    auto refused = [](bool sent) { return !sent && errno == EPERM; };
+    CHECK(refused(send_ev(bp, kMagic, kNotify, kGuest, p)));
+    CHECK(refused(send_ev(bp, kMagic, kClose, kGuest, p)));
+    {
+        BoundSocket elsewhere(root.dom(kGuest) + "/not-a-port");
+        BoundSocket wrong_port(root.port(kGuest, 4000));
+        CHECK(refused(elsewhere.send_ev(bp, kNotify, kGuest, p)));
+        CHECK(refused(elsewhere.send_ev(bp, kClose, kGuest, p)));
+        CHECK(refused(wrong_port.send_ev(bp, kNotify, kGuest, p)));
+        CHECK(refused(wrong_port.send_ev(bp, kClose, kGuest, p)));
+    }
+    CHECK_FALSE(readable(ch->fd(), 0));
+    CHECK(pending_of(*ch).empty());     // no event from any of them
+    CHECK(bound->notify().ok());        // and the peer is not marked gone
+    guest.chan().send({2});
+    guest.chan().recv();
+    guest.chan().send({3});
+    CHECK(guest.wait() == 0);
+}
+
+// ====================================== backend ports: connected to their peer
+
+namespace {
+
+using Words = std::vector<uint32_t>;
+
+// A hand-made guest end, as a hostile guest can make one: a socket at
+// DIR/dom5/evtchn/<p> offered to domain 0.
+std::unique_ptr<BoundSocket> offered_socket(const TempRoot& root, Port p) {
+    fs::create_directories(root.dom(kGuest) + "/evtchn");
+    auto s = std::make_unique<BoundSocket>(root.port(kGuest, p));
+    write_file(root.port(kGuest, p) + ".remote", "0");
+    return s;
+}
+
+// Our open descriptors, and how many of them are open by a name under `dir`
+// (an O_PATH pin, say; sockets read "socket:[inode]").
+size_t open_fds() {
+    size_t n = 0;
+    for ([[maybe_unused]] const auto& e : fs::directory_iterator("/proc/self/fd")) ++n;
+    return n - 1;  // the iterator's own
+}
+size_t fds_naming(const std::string& dir) {
+    size_t n = 0;
+    for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
+        std::error_code ec;
+        const fs::path target = fs::read_symlink(e.path(), ec);
+        if (!ec && target.string().rfind(dir + "/", 0) == 0) ++n;
+    }
+    return n;
+}
+
+}  // namespace
+
+TEST_CASE("a backend port is connected to its peer: nobody else reaches it, and the peer's garbage is ignored") {
+    TempRoot root;
+    auto peer = offered_socket(root, 1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    auto bound = bind_now(*ch, kGuest, 1);
+    REQUIRE(bound.ok());
+    const Port q = bound->port();
+    const std::string bp = root.port(0, q);
+    CHECK(peer->recv_ev() == Words{kMagic, kBind, 0, q});
+
+    // Anybody else is turned away by the kernel.
+    auto refused = [](bool sent) { return !sent && errno == EPERM; };
+    CHECK(refused(send_ev(bp, kMagic, kNotify, kGuest, 1)));
+    {
+        BoundSocket other_port(root.port(kGuest, 2));
+        CHECK(refused(other_port.send_ev(bp, kNotify, kGuest, 1)));
+        CHECK(refused(other_port.send_ev(bp, kClose, kGuest, 1)));
+    }
+    CHECK_FALSE(readable(ch->fd(), 0));
+
+    // The peer's own garbage (two batches, each below net.unix.max_dgram_qlen
+    // whichever limit applies): drained, ignored, no event.
+    const std::string big(4096, 'g');
+    const uint32_t bad_magic[4] = {0x12345678, kNotify, kGuest, 1};
+    CHECK(peer->send_bytes(bp, "", 0));
+    CHECK(peer->send_bytes(bp, big.data(), 15));
+    CHECK(peer->send_bytes(bp, big.data(), 17));
+    CHECK(peer->send_bytes(bp, big.data(), big.size()));
+    CHECK(peer->send_bytes(bp, bad_magic, sizeof bad_magic));
+    CHECK(peer->send_ev(bp, 0, kGuest, 1));   // op 0
+    CHECK(peer->send_ev(bp, 99, kGuest, 1));  // unknown op
+    REQUIRE(readable(ch->fd(), kWaitMs));
+    CHECK(pending_of(*ch).empty());
+    CHECK_FALSE(readable(ch->fd(), 0));
+    CHECK(peer->send_ev(bp, kNotify, kGuest, 2));  // names another port
+    CHECK(peer->send_ev(bp, kNotify, 6, 1));       // names another domain
+    CHECK(peer->send_ev(bp, kBind, kGuest, 1));    // a backend port takes no BIND
+    CHECK(peer->send_ev(bp, kClose, kGuest, 2));
+    CHECK(peer->send_ev(bp, kClose, 6, 1));
+    REQUIRE(readable(ch->fd(), kWaitMs));
+    CHECK(pending_of(*ch).empty());
+    CHECK_FALSE(readable(ch->fd(), 0));
+
+    // The real thing, both ways.
+    CHECK(peer->send_ev(bp, kNotify, kGuest, 1));
+    CHECK(wait_pending(*ch) == std::vector<Port>{q});
+    CHECK(bound->notify().ok());
+    CHECK(peer->recv_ev() == Words{kMagic, kNotify, 0, q});
+
+    // Our own sender check stays: a socket bound under another name and then
+    // renamed into place is the peer to the kernel, but its datagrams do not
+    // come from the socket of the end they name.
+    BoundSocket renamed(root.dom(kGuest) + "/evtchn/elsewhere");
+    renamed.rename_to(root.port(kGuest, 3));
+    write_file(root.port(kGuest, 3) + ".remote", "0");
+    auto third = bind_now(*ch, kGuest, 3);
+    REQUIRE(third.ok());
+    CHECK(renamed.recv_ev() == Words{kMagic, kBind, 0, third->port()});
+    CHECK(renamed.send_ev(root.port(0, third->port()), kNotify, kGuest, 3));
+    REQUIRE(readable(ch->fd(), kWaitMs));
+    CHECK(pending_of(*ch).empty());
+
+    // A CLOSE from the peer: the port fires, later notifies are dropped, and
+    // unbinding owes it no CLOSE.
+    CHECK(peer->send_ev(bp, kClose, kGuest, 1));
+    CHECK(wait_pending(*ch) == std::vector<Port>{q});
+    CHECK(bound->notify().ok());
+    bound->reset();
+    CHECK_FALSE(peer->recv_ev().has_value());
+}
+
+TEST_CASE("a backend port costs one descriptor: binding N ports adds exactly N, unbinding returns them") {
+    TempRoot root;
+    constexpr Port kPorts = 100;
+    std::vector<std::unique_ptr<BoundSocket>> guest;
+    for (Port p = 1; p <= kPorts; ++p) guest.push_back(offered_socket(root, p));
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    rt::Reactor reactor;
+
+    const size_t before = open_fds();
+    auto ch = backend->open_event_channel();
+    const size_t fixed = open_fds() - before;
+    CHECK(fixed == 3);  // its epoll set, the wake eventfd, the CLOSE retry timer
+    std::vector<xp::BoundPort> ports;
+    for (Port p = 1; p <= kPorts; ++p) {
+        auto bound = reactor.run_until(ch->bind_interdomain(reactor, kGuest, p));
+        REQUIRE(bound.ok());
+        ports.push_back(std::move(bound.value()));
+    }
+    CHECK(open_fds() == before + fixed + kPorts);
+    CHECK(fds_naming(root.dir) == 0);  // no pin of the guest's sockets, nor of anything else there
+
+    // And each works both ways.
+    for (Port i = 0; i < kPorts; ++i) {
+        CAPTURE(i);
+        const Port q = ports[i].port();
+        CHECK(guest[i]->recv_ev() == Words{kMagic, kBind, 0, q});
+        CHECK(ports[i].notify().ok());
+        CHECK(guest[i]->recv_ev() == Words{kMagic, kNotify, 0, q});
+        CHECK(guest[i]->send_ev(root.port(0, q), kNotify, kGuest, i + 1));
+        CHECK(wait_pending(*ch) == std::vector<Port>{q});
+    }
+    CHECK(open_fds() == before + fixed + kPorts);
+
+    ports.clear();
+    CHECK(open_fds() == before + fixed);
+    ch.reset();
+    CHECK(open_fds() == before);
+}
+
+TEST_CASE("a guest socket that dies, then is made again at its path: peer gone, the newcomer gets nothing") {
+    TempRoot root;
+    auto first = offered_socket(root, 1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    auto bound = bind_now(*ch, kGuest, 1);
+    REQUIRE(bound.ok());
+    const Port q = bound->port();
+    const std::string bp = root.port(0, q);
+    CHECK(first->recv_ev() == Words{kMagic, kBind, 0, q});
+
+    first.reset();  // the guest's socket closes (a restarted frontend)...
+    auto newcomer = offered_socket(root, 1);  // ...and its successor binds the same path
+    // Not the socket our port is connected to: the kernel turns it away.
+    const bool sent = newcomer->send_ev(bp, kNotify, kGuest, 1);
+    const int why = errno;
+    CHECK_FALSE(sent);
+    CHECK(why == EPERM);
+    CHECK_FALSE(readable(ch->fd(), 0));
+
+    // Our next notify finds our peer gone (ECONNREFUSED): as for a CLOSE,
+    // the port fires once and later notifies are dropped.
+    CHECK(bound->notify().ok());
+    CHECK(wait_pending(*ch) == std::vector<Port>{q});
+    CHECK(bound->notify().ok());
+    CHECK(pending_of(*ch).empty());
+    CHECK_FALSE(newcomer->recv_ev().has_value());
+
+    // Having found the peer dead, the kernel disconnected our socket, so the
+    // newcomer's datagrams arrive now: ignored, drained, nothing spins.
+    for (int i = 0; i < 3; ++i) CHECK(newcomer->send_ev(bp, kNotify, kGuest, 1));
+    CHECK(newcomer->send_ev(bp, kClose, kGuest, 1));
+    REQUIRE(readable(ch->fd(), kWaitMs));
+    CHECK(pending_of(*ch).empty());
+    CHECK_FALSE(readable(ch->fd(), 0));
+    CHECK(bound->notify().ok());
+    bound->reset();  // no CLOSE: the peer it was for is gone
+    CHECK_FALSE(newcomer->recv_ev().has_value());
+
+    // The newcomer's own offer binds afresh.
+    auto again = bind_now(*ch, kGuest, 1);
+    REQUIRE(again.ok());
+    CHECK(newcomer->recv_ev() == Words{kMagic, kBind, 0, again->port()});
+    CHECK(newcomer->send_ev(root.port(0, again->port()), kNotify, kGuest, 1));
+    CHECK(wait_pending(*ch) == std::vector<Port>{again->port()});
+    CHECK(again->notify().ok());
+    CHECK(newcomer->recv_ev() == Words{kMagic, kNotify, 0, again->port()});
+}
+
+TEST_CASE("a guest that swaps its socket file after the bind cannot redirect our notifications") {
+    TempRoot root;
+    auto peer = offered_socket(root, 1);
+    BoundSocket victim(root.dir + "/victim");  // say, /dev/log
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    auto bound = bind_now(*ch, kGuest, 1);
+    REQUIRE(bound.ok());
+    const Port q = bound->port();
+    CHECK(peer->recv_ev() == Words{kMagic, kBind, 0, q});
+
+    const std::string path = root.port(kGuest, 1);
+    REQUIRE(::unlink(path.c_str()) == 0);
+    REQUIRE(::symlink((root.dir + "/victim").c_str(), path.c_str()) == 0);
+    CHECK(bound->notify().ok());
+    CHECK(peer->recv_ev() == Words{kMagic, kNotify, 0, q});  // still the socket it bound to
+    CHECK_FALSE(victim.recv_ev().has_value());
+    peer.reset();  // it closes: the port's peer is gone, and still nothing goes to the victim
+    CHECK(bound->notify().ok());
+    CHECK(wait_pending(*ch) == std::vector<Port>{q});
+    bound->reset();
+    CHECK_FALSE(victim.recv_ev().has_value());
+}
+
+TEST_CASE("a peer that connects its socket to our port and away again leaves an error that costs nothing") {
+    TempRoot root;
+    auto peer = offered_socket(root, 1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    auto bound = bind_now(*ch, kGuest, 1);
+    REQUIRE(bound.ok());
+    const Port q = bound->port();
+    const std::string bp = root.port(0, q);
+    CHECK(peer->recv_ev() == Words{kMagic, kBind, 0, q});
+
+    // Connected to ours, with a datagram of ours queued on it, the peer
+    // disconnects: Linux then leaves ECONNRESET pending on our socket, for
+    // whichever of recv() and send() comes next.
+    auto raise_error = [&] {
+        REQUIRE(peer->connect_to(bp));
+        REQUIRE(bound->notify().ok());
+        REQUIRE(peer->connect_to(""));  // drops what was queued on it
+    };
+    // 1: a notify comes next. It goes through, and the peer is not gone.
+    raise_error();
+    CHECK(bound->notify().ok());
+    CHECK(peer->recv_ev() == Words{kMagic, kNotify, 0, q});
+    CHECK(pending_of(*ch).empty());
+    CHECK_FALSE(readable(ch->fd(), 0));
+    // 2: pending() comes next, with the peer's NOTIFY queued behind the
+    // error: one call reports it, and then nothing is left.
+    REQUIRE(peer->connect_to(bp));
+    REQUIRE(bound->notify().ok());
+    CHECK(peer->send_ev(bp, kNotify, kGuest, 1));
+    REQUIRE(peer->connect_to(""));
+    REQUIRE(readable(ch->fd(), kWaitMs));
+    CHECK(pending_of(*ch) == std::vector<Port>{q});
+    CHECK(pending_of(*ch).empty());
+    CHECK_FALSE(readable(ch->fd(), 0));
+    CHECK(bound->notify().ok());
+    CHECK(peer->recv_ev() == Words{kMagic, kNotify, 0, q});
+}
+
+// ============================================== BIND and CLOSE on a full queue
+
+namespace {
+
+// Fills the receive queue of the socket at `path` with junk until it takes
+// no more (net.unix.max_dgram_qlen datagrams), as a guest can do to itself.
+size_t fill_queue(const std::string& path) {
+    size_t n = 0;
+    while (n < 100000 && send_raw(path, "x", 1)) ++n;
+    return n;
+}
+
+struct BindOutcome {
+    std::optional<xensock::Result<xp::BoundPort>> result;
+    Clock::time_point finished;
+};
+
+rt::Task<void> bind_into(rt::Reactor& r, xp::EventChannel& ch, Port remote_port, rt::CancelToken cancel,
+                         BindOutcome& out) {
+    auto result = co_await ch.bind_interdomain(r, kGuest, remote_port, cancel);
+    out.result.emplace(std::move(result));
+    out.finished = Clock::now();
+}
+
+// Waits on the reactor (bounded) until `port` of `ch` fires.
+rt::Task<bool> port_fires(rt::Reactor& r, xp::EventChannel& ch, Port port) {
+    const auto give_up = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    std::vector<Port> fired;
+    while (Clock::now() < give_up) {
+        auto op = r.poll(ch.fd(), POLLIN);
+        op.timeout(100ms);
+        (void)co_await op;
+        fired.clear();
+        ch.pending(fired);
+        if (std::find(fired.begin(), fired.end(), port) != fired.end()) co_return true;
+    }
+    co_return false;
+}
+
+rt::Task<void> wait_for(rt::Reactor& r, const BindOutcome& outcome) {
+    const auto give_up = Clock::now() + std::chrono::milliseconds(kWaitMs);
+    while (!outcome.result && Clock::now() < give_up) {
+        auto nap = r.sleep_for(5ms);
+        co_await nap;
+    }
+}
+
+// The backend's side: binds the guest's port p1, whose queue is full, and
+// while that bind waits has the guest notify port p2, bound on the same
+// channel, three times. `pings` counts the notifications that arrived while
+// the bind was still waiting: all three unless the bind held up the thread.
+// With `drain_after`, the guest drains p1 that long after the bind started.
+rt::Task<void> bind_while_pinged(rt::Reactor& r, xp::EventChannel& ch, Chan& guest, Port p1, Port q2,
+                                 std::optional<std::chrono::milliseconds> drain_after, BindOutcome& outcome,
+                                 int& pings) {
+    const auto started = Clock::now();
+    r.spawn(bind_into(r, ch, p1, {}, outcome));
+    for (int i = 0; i < 3; ++i) {
+        guest.send({1});
+        const bool fired = co_await port_fires(r, ch, q2);
+        if (fired && !outcome.result) ++pings;
+    }
+    if (drain_after && !outcome.result) {
+        auto nap = r.sleep_for(started + *drain_after - Clock::now());
+        co_await nap;
+        guest.send({2});
+    }
+    co_await wait_for(r, outcome);
+}
+
+// A guest with two ports offered to the backend, driven by orders: 1 notify
+// p2, 2 drain (pending()), 3 notify p1 and answer, 0 exit.
+std::function<void(Chan&)> two_port_guest(const std::string& dir) {
+    return [dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto ch = plat->open_event_channel();
+        auto p1 = ch->bind_unbound(0);
+        auto p2 = ch->bind_unbound(0);
+        G_REQUIRE(p1.ok());
+        G_REQUIRE(p2.ok());
+        c.send({p1->port(), p2->port()});
+        for (;;) {
+            const auto order = c.recv().at(0);
+            if (order == 0) return;
+            if (order == 1) G_REQUIRE(p2->notify().ok());
+            if (order == 2) (void)pending_of(*ch);  // takes p1's junk: room for the BIND
+            if (order == 3) {
+                G_REQUIRE(p1->notify().ok());  // learns the peer from the BIND, notifies it
+                c.send({3});
+            }
+        }
+    };
+}
+
+size_t entries_in(const std::string& dir) {
+    size_t n = 0;
+    for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir)) ++n;
+    return n;
+}
+
+}  // namespace
+
+TEST_CASE("a BIND to a full queue waits on the reactor, not the thread, and goes through once the guest drains") {
+    TempRoot root;
+    Process guest(two_port_guest(root.dir));
+    const auto ports = guest.chan().recv();
+    const Port p1 = ports.at(0), p2 = ports.at(1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    rt::Reactor r;
+    auto other = r.run_until(ch->bind_interdomain(r, kGuest, p2));
+    REQUIRE(other.ok());
+    REQUIRE(fill_queue(root.port(kGuest, p1)) > 0);
+
+    BindOutcome outcome;
+    int pings = 0;
+    const auto started = Clock::now();
+    r.run_until(bind_while_pinged(r, *ch, guest.chan(), p1, other->port(), 200ms, outcome, pings));
+    REQUIRE(outcome.result.has_value());
+    CHECK(pings == 3);  // port p2 was served while the bind waited
+    REQUIRE(outcome.result->ok());
+    CHECK(outcome.finished - started >= 200ms);  // it did wait for the drain
+
+    const Port q1 = (*outcome.result)->port();
+    guest.chan().send({3});
+    CHECK(r.run_until(port_fires(r, *ch, q1)));  // the guest got the BIND: the binding works
+    guest.chan().recv();
+    guest.chan().send({0});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("a BIND to a queue that stays full fails after a second, without holding up the thread") {
+    TempRoot root;
+    Process guest(two_port_guest(root.dir));
+    const auto ports = guest.chan().recv();
+    const Port p1 = ports.at(0), p2 = ports.at(1);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    rt::Reactor r;
+    auto other = r.run_until(ch->bind_interdomain(r, kGuest, p2));
+    REQUIRE(other.ok());
+    REQUIRE(fill_queue(root.port(kGuest, p1)) > 0);
+
+    BindOutcome outcome;
+    int pings = 0;
+    const auto started = Clock::now();
+    r.run_until(bind_while_pinged(r, *ch, guest.chan(), p1, other->port(), std::nullopt, outcome, pings));
+    REQUIRE(outcome.result.has_value());
+    CHECK(pings == 3);
+    CHECK(outcome.result->error() == ETIMEDOUT);
+    CHECK(outcome.finished - started >= 1s);  // the contract's second of retries
+    CHECK(ch->bound_ports() == 1);
+    CHECK(entries_in(root.dom(0) + "/evtchn") == 1);  // the failed port's socket is gone
+
+    // Every try counts in full: a second bind to the same guest waits its
+    // second too, and goes through when the guest drains meanwhile.
+    BindOutcome again;
+    pings = 0;
+    r.run_until(bind_while_pinged(r, *ch, guest.chan(), p1, other->port(), 300ms, again, pings));
+    REQUIRE(again.result.has_value());
+    CHECK(pings == 3);
+    CHECK(again.result->ok());
+    guest.chan().send({0});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("a BIND waiting for room ends with ECANCELED when cancelled") {
+    TempRoot root;
+    Process guest(two_port_guest(root.dir));
+    const Port p1 = guest.chan().recv().at(0);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    rt::Reactor r;
+    REQUIRE(fill_queue(root.port(kGuest, p1)) > 0);
+    rt::CancelSource cancel;
+    BindOutcome outcome;
+    r.spawn(bind_into(r, *ch, p1, cancel.token(), outcome));
+    r.post([&cancel] { cancel.cancel(); });  // once the bind is waiting
+    r.run_until(wait_for(r, outcome));
+    REQUIRE(outcome.result.has_value());
+    CHECK(outcome.result->error() == ECANCELED);
+    CHECK(ch->bound_ports() == 0);
+    CHECK(entries_in(root.dom(0) + "/evtchn") == 0);
+    guest.chan().send({0});
+    CHECK(guest.wait() == 0);
+}
+
+TEST_CASE("a CLOSE to a full queue is retried in the background: unbinding does not wait for it") {
+    TempRoot root;
+    const std::string dir = root.dir;
+    Process guest([dir](Chan& c) {
+        auto plat = xp::open_sim_platform(dir, kGuest);
+        auto ch = plat->open_event_channel();
+        auto port = ch->bind_unbound(0);
+        G_REQUIRE(port.ok());
+        c.send({port->port()});
+        c.recv();                            // bound, queue filled, unbound
+        G_REQUIRE(pending_of(*ch).empty());  // the BIND and the junk: room for the CLOSE
+        G_REQUIRE(wait_pending(*ch) == std::vector<Port>{port->port()});  // the CLOSE came
+        c.send({1});
+        c.recv();
+    });
+    const Port p = guest.chan().recv().at(0);
+    auto backend = xp::open_sim_platform(root.dir, 0);
+    auto ch = backend->open_event_channel();
+    auto bound = bind_now(*ch, kGuest, p);
+    REQUIRE(bound.ok());
+    const Port q = bound->port();
+    REQUIRE(fill_queue(root.port(kGuest, p)) > 0);
+
+    bound->reset();  // its CLOSE does not fit: must not wait here
+    CHECK(ch->bound_ports() == 0);
+    // Kept for the guest until the CLOSE is in: it has not read the BIND yet.
+    CHECK(fs::exists(root.port(0, q)));
+    guest.chan().send({1});  // only now does the guest drain
+    // Serve the channel as its owner does, until the guest saw the CLOSE.
+    const auto give_up = Clock::now() + 2 * std::chrono::milliseconds(kWaitMs);
+    while (!readable(guest.chan().fd(), 0) && Clock::now() < give_up) {
+        if (readable(ch->fd(), 10)) CHECK(pending_of(*ch).empty());
+    }
+    guest.chan().recv();
+    // Delivered, the CLOSE frees the port and its number.
+    CHECK_FALSE(fs::exists(root.port(0, q)));
+    auto again = bind_now(*ch, kGuest, p);
+    REQUIRE(again.ok());
+    CHECK(again->port() == q);
+    guest.chan().send({2});
     CHECK(guest.wait() == 0);
 }

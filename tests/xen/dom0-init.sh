@@ -157,6 +157,32 @@ if [ "$rc" = 0 ] && [ -n "$DOMA" ]; then
 else
     fail A/xl-create "xl create exit code $rc: $(tail -5 /tmp/xl-create-a.log)"
 fi
+# The nodes Linux's pvcalls-front reads when it probes: xensockd must write
+# them as soon as xl has made the backend directory (bounded wait: xensockd
+# sees the directory through a watch).
+if [ -n "$DOMA" ]; then
+    be=/local/domain/0/backend/pvcalls/$DOMA/0
+    t=$(up)
+    n=0
+    while :; do
+        v=$(xenstore-read "$be/versions" 2>/dev/null)
+        o=$(xenstore-read "$be/max-page-order" 2>/dev/null)
+        f=$(xenstore-read "$be/function-calls" 2>/dev/null)
+        [ -n "$v" ] && [ -n "$o" ] && [ -n "$f" ] && break
+        [ "$n" -ge 100 ] && break
+        sleep 0.1
+        n=$((n + 1))
+    done
+    case "$o" in
+        '' | *[!0-9]*) o_ok=0 ;;
+        *) if [ "$o" -ge 4 ]; then o_ok=1; else o_ok=0; fi ;;
+    esac
+    if [ "$v" = 1 ] && [ "$o_ok" = 1 ] && [ "$f" = 1 ]; then
+        pass A/backend-nodes "versions=$v max-page-order=$o function-calls=$f in $be, $(since "$t") s after xl create"
+    else
+        fail A/backend-nodes "in $be after $(since "$t") s: versions='$v' (want 1), max-page-order='$o' (want >= 4), function-calls='$f' (want 1)"
+    fi
+fi
 mark created-A
 follow /var/log/xen/console/guest-lab-a.log lab-a
 

@@ -17,6 +17,8 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <poll.h>
@@ -24,6 +26,7 @@
 namespace {
 
 namespace sim = xensock::platform::sim;
+using xensock::platform::Watch;
 using xensock::platform::WatchEvent;
 using xensock::platform::XenStore;
 using xensock::platform::XsPermission;
@@ -193,6 +196,93 @@ TEST_CASE("watches fire on write and rm, through fd() and read_watch()") {
     REQUIRE(writer.write("/w/after", "1").ok());
     CHECK_FALSE(next_watch(watcher, 200));
     CHECK(watcher.unwatch("/w", "tok").error() == ENOENT);
+}
+
+static_assert(!std::is_copy_constructible_v<Watch> && !std::is_copy_assignable_v<Watch>);
+static_assert(std::is_nothrow_move_constructible_v<Watch> && std::is_nothrow_move_assignable_v<Watch>);
+
+// Drains what is queued (the initial fire, earlier changes) within a bound.
+void drain_watches(XenStore& xs) {
+    while (next_watch(xs, 100)) {
+    }
+}
+
+TEST_CASE("Watch registers in its constructor and removes the watch however its scope ends") {
+    SimRoot root;
+    XenStore watcher(root.socket());
+    XenStore writer(root.socket());
+    {
+        Watch w(watcher, "/rw", "raii");
+        REQUIRE(w.active());
+        CHECK(w.status().ok());
+        CHECK(w.path() == "/rw");
+        CHECK(w.token() == "raii");
+        auto ev = next_watch(watcher);  // the initial fire
+        REQUIRE(ev);
+        CHECK(ev->token == "raii");
+        REQUIRE(writer.write("/rw/a", "1").ok());
+        ev = next_watch(watcher);
+        REQUIRE(ev);
+        CHECK(ev->path == "/rw/a");
+    }
+    // Gone: no more events, and xenstored no longer knows it.
+    REQUIRE(writer.write("/rw/b", "1").ok());
+    CHECK_FALSE(next_watch(watcher, 200));
+    CHECK(watcher.unwatch("/rw", "raii").error() == ENOENT);
+
+    // An exception leaving the scope removes it too.
+    try {
+        Watch w(watcher, "/rw", "thrown");
+        REQUIRE(w.active());
+        throw std::runtime_error("unwinding");
+    } catch (const std::runtime_error&) {
+    }
+    CHECK(watcher.unwatch("/rw", "thrown").error() == ENOENT);
+
+    // reset() removes it at once, and only once.
+    Watch early(watcher, "/rw", "early");
+    REQUIRE(early.active());
+    early.reset();
+    CHECK_FALSE(early.active());
+    CHECK(watcher.unwatch("/rw", "early").error() == ENOENT);
+    early.reset();
+}
+
+TEST_CASE("a moved Watch has one owner: the moved-from one removes nothing") {
+    SimRoot root;
+    XenStore watcher(root.socket());
+    XenStore writer(root.socket());
+    std::vector<Watch> watches;
+    {
+        Watch w(watcher, "/mv", "moved");
+        REQUIRE(w.active());
+        watches.push_back(std::move(w));
+        CHECK_FALSE(w.active());  // NOLINT(bugprone-use-after-move): that is the point
+    }
+    drain_watches(watcher);
+    REQUIRE(writer.write("/mv/a", "1").ok());
+    auto ev = next_watch(watcher);  // still registered
+    REQUIRE(ev);
+    CHECK(ev->token == "moved");
+
+    Watch other(watcher, "/mv", "other");
+    REQUIRE(other.active());
+    watches.front() = std::move(other);  // removes "moved", takes "other"
+    CHECK(watcher.unwatch("/mv", "moved").error() == ENOENT);
+    CHECK(watches.front().token() == "other");
+    watches.clear();
+    CHECK(watcher.unwatch("/mv", "other").error() == ENOENT);
+}
+
+TEST_CASE("a Watch whose registration failed holds nothing") {
+    SimRoot root;
+    XenStore xs(root.socket());
+    Watch bad(xs, "/bad//path", "bad");
+    CHECK_FALSE(bad.active());
+    CHECK(bad.status().error() == EINVAL);
+    Watch none;
+    CHECK_FALSE(none.active());
+    CHECK(none.status().ok());
 }
 
 TEST_CASE("read_watch() returns nothing at once when no event is queued") {

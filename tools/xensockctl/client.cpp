@@ -103,11 +103,16 @@ json control_request(const std::string& path, const json& request, std::chrono::
     }
 
     const std::string line = request.dump() + "\n";
+    // The daemon may answer and close before reading (it refuses our uid):
+    // then sending fails, but its answer is waiting to be read.
+    int send_error = 0;
     for (size_t sent = 0; sent < line.size();) {
         const ssize_t n = ::send(fd.get(), line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR) continue;
-            unreachable_after_connect(errno, path);
+            if (errno != EPIPE && errno != ECONNRESET) unreachable_after_connect(errno, path);
+            send_error = errno;
+            break;
         }
         sent += static_cast<size_t>(n);
     }
@@ -119,8 +124,9 @@ json control_request(const std::string& path, const json& request, std::chrono::
         const ssize_t n = ::recv(fd.get(), chunk, sizeof chunk, 0);
         if (n < 0) {
             if (errno == EINTR) continue;
-            unreachable_after_connect(errno, path);
+            unreachable_after_connect(send_error != 0 ? send_error : errno, path);
         }
+        if (n == 0 && send_error != 0) unreachable_after_connect(send_error, path);
         if (n == 0) {
             // The daemon closes without a word on clients of another uid.
             throw CtlError(kExitUnreachable,
@@ -154,7 +160,10 @@ void check_answer(const json& answer) {
     std::string text = answer.contains("error") && answer["error"].is_string() ? answer["error"].get<std::string>()
                                                                               : "xensockd refused the request";
     if (code == "not_found") throw CtlError(kExitNotFound, text + " (`xensockctl list --sockets` shows what exists)");
-    if (code == "usage") throw CtlError(kExitUsage, "xensockd: " + text);
+    if (code == "permission")
+        throw CtlError(kExitUnreachable,
+                       "xensockd: " + text + ": run xensockctl as root or as the user xensockd runs as");
+    if (code == "usage" || code == "ambiguous") throw CtlError(kExitUsage, "xensockd: " + text);
     throw CtlError(kExitFailure, "xensockd: " + text);
 }
 

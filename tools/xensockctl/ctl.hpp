@@ -51,7 +51,8 @@ nlohmann::json control_request(const std::string& path, const nlohmann::json& re
                                std::chrono::milliseconds timeout);
 
 // Throws CtlError for an answer with "ok": false, mapping the daemon's
-// "code" to an exit code ("not_found" -> 3, "usage" -> 2, else 1).
+// "code" to an exit code ("not_found" -> 3, "usage" and "ambiguous" -> 2,
+// "permission" -> 4, else 1).
 void check_answer(const nlohmann::json& answer);
 
 // ------------------------------------------------------------------ tables
@@ -114,7 +115,13 @@ struct SessionCounters {
         uint64_t ok = 0;  // answered with ret >= 0 (received - ok - errors are in flight)
     };
     std::vector<Command> commands;                        // fixed order, then unknown names
-    std::vector<std::pair<int, uint64_t>> errors_by_errno;  // ascending errno
+    std::vector<std::pair<int, uint64_t>> errors_by_errno;  // command errors, ascending errno
+    struct RingError {
+        std::string half;  // "in" (receiving, to the guest) or "out" (sending, from the guest)
+        int err = 0;
+        uint64_t count = 0;
+    };
+    std::vector<RingError> ring_errors;  // in before out, ascending errno
     std::vector<std::pair<std::string, uint64_t>> scalars;  // known ones first, fixed order
     std::vector<std::pair<std::string, uint64_t>> other;    // names this tool does not know
 };

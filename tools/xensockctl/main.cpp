@@ -20,8 +20,10 @@ using nlohmann::json;
 namespace {
 
 constexpr const char* kExitCodes =
-    "Exit codes: 0 success, 1 runtime error, 2 usage error, 3 not found (unknown domid, sockid\n"
-    "or device), 4 not reachable (xensockd's control socket, or xenstored for attach/detach).";
+    "Exit codes: 0 success, 1 runtime error (e.g. a xensockd worker not responding), 2 usage\n"
+    "error (bad arguments, or a kill SOCKID that needs --protocol), 3 not found (unknown domid,\n"
+    "sockid or device), 4 not reachable (xensockd's control socket, or xenstored for\n"
+    "attach/detach; also a uid xensockd does not serve).";
 // Largest ordinary domain id (DOMID_FIRST_RESERVED - 1).
 constexpr unsigned kMaxDomid = 0x7FEF;
 
@@ -65,22 +67,59 @@ int cmd_stats(const Globals& g, std::optional<unsigned> domid, bool prometheus) 
     return kExitOk;
 }
 
-int cmd_kill(const Globals& g, unsigned domid, std::optional<uint64_t> sockid) {
-    json request{{"op", "kill"}, {"domid", domid}};
-    if (sockid) request["sockid"] = *sockid;
-    ask(g, request);
+struct KillArgs {
+    unsigned domid = 0;
+    std::optional<uint64_t> sockid;
+    std::optional<std::string> protocol;
+    std::optional<unsigned> devid;
+};
+
+// "xensock", "pvcalls devid 1": a session as `--protocol P [--devid V]` names it.
+std::string session_name(const json& s) {
+    const auto devid = s.value("devid", 0u);
+    return devid == 0 ? s.value("protocol", std::string("?"))
+                      : fmt::format("{} devid {}", s.value("protocol", std::string("?")), devid);
+}
+
+int cmd_kill(const Globals& g, const KillArgs& k) {
+    json request{{"op", "kill"}, {"domid", k.domid}};
+    if (k.sockid) request["sockid"] = *k.sockid;
+    if (k.protocol) request["protocol"] = *k.protocol;
+    if (k.devid) request["devid"] = *k.devid;
+    const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(g.timeout_seconds * 1000));
+    const json answer = control_request(resolve_control_path(g.control, g.sim), request, timeout);
+    if (k.sockid && answer.value("code", std::string()) == "ambiguous" && answer.contains("sessions") &&
+        answer["sessions"].is_array()) {
+        // A sockid is only unique within a session: say which to pick, in flags.
+        std::string choices;
+        for (const auto& s : answer["sessions"]) {
+            choices += fmt::format("\n  xensockctl kill {} {} --protocol {}", k.domid, *k.sockid,
+                                   s.value("protocol", std::string("?")));
+            if (s.value("devid", 0u) != 0 || k.devid) choices += fmt::format(" --devid {}", s.value("devid", 0u));
+        }
+        throw CtlError(kExitUsage, fmt::format("domid {} has a socket {} in more than one session; nothing was "
+                                               "closed. Say which with --protocol (and --devid):{}",
+                                               k.domid, *k.sockid, choices));
+    }
+    check_answer(answer);
+    std::vector<std::string> names;
+    if (answer.contains("sessions") && answer["sessions"].is_array())
+        for (const auto& s : answer["sessions"]) names.push_back(session_name(s));
+    std::string joined;
+    for (const auto& n : names) joined += (joined.empty() ? "" : ", ") + n;
     if (g.json) {
-        json out{{"ok", true}, {"domid", domid}};
-        if (sockid) out["sockid"] = *sockid;
+        json out{{"ok", true}, {"domid", k.domid}, {"sessions", answer.value("sessions", json::array())}};
+        if (k.sockid) out["sockid"] = *k.sockid;
         print_json(out);
-    } else if (sockid) {
-        print(fmt::format("domid {} socket {}: closed; the guest sees ECONNRESET on its data ring and must "
+    } else if (k.sockid) {
+        print(fmt::format("domid {} socket {}: closed ({}); the guest sees ECONNRESET on its data ring and must "
                           "release the socket\n",
-                          domid, *sockid));
+                          k.domid, *k.sockid, joined));
     } else {
-        print(fmt::format("domid {}: disconnecting; its sockets are closed and the backend goes Closing. "
-                          "The guest may reconnect; `xensockctl detach --domid {}` removes its device.\n",
-                          domid, domid));
+        print(fmt::format("domid {}: disconnecting {} session{} ({}); their sockets are closed and the backend "
+                          "goes Closing. The guest may reconnect; `xensockctl detach --domid {}` removes its "
+                          "device.\n",
+                          k.domid, names.size(), names.size() == 1 ? "" : "s", joined, k.domid));
     }
     return kExitOk;
 }
@@ -196,6 +235,7 @@ int main(int argc, char** argv) {
     auto* list = app.add_subcommand("list", "One line per guest session, or per socket with --sockets");
     list->footer(footer("  xensockctl list\n"
                         "  xensockctl list --sockets 5\n"
+                        "DOMID is DOMID/DEVID for a device id other than 0 (several devices of one protocol).\n"
                         "Session columns: DOMID PROTOCOL STATE (backend xenbus state) FRONTEND (guest's state)\n"
                         "ACTIVE/PASSIVE (sockets) FROM-GUEST/TO-GUEST (bytes) UPTIME.\n"
                         "Socket columns: ... ORDER (data ring order) IN-QUEUED (bytes waiting for the guest to\n"
@@ -221,12 +261,25 @@ int main(int argc, char** argv) {
 
     // kill
     auto* kill = app.add_subcommand("kill", "Disconnect a guest (all its sockets), or close one of its sockets");
-    kill->footer(footer("  xensockctl kill 5      disconnect domid 5: sockets closed, backend goes Closing\n"
-                        "  xensockctl kill 5 3    close socket 3 of domid 5; its other sockets keep working"));
-    unsigned kill_domid = 0;
+    kill->footer(footer(
+        "  xensockctl kill 5                     disconnect domid 5: every session (xensock and pvcalls\n"
+        "                                        device alike) has its sockets closed and goes Closing\n"
+        "  xensockctl kill 5 --protocol pvcalls  disconnect only domid 5's pvcalls session\n"
+        "  xensockctl kill 5 3                   close socket 3 of domid 5; its other sockets keep working\n"
+        "  xensockctl kill 5 3 --protocol xensock\n"
+        "                                        the same when domid 5 has a socket 3 in two sessions\n"
+        "A SOCKID found in more than one session of DOMID is refused (exit 2) until --protocol\n"
+        "(and --devid) name one; `xensockctl list --sockets DOMID` shows them."));
+    unsigned kill_domid = 0, kill_devid = 0;
     uint64_t kill_sockid = 0;
+    std::string kill_protocol;
     kill->add_option("domid", kill_domid, "The guest")->required()->check(CLI::Range(0u, kMaxDomid));
     auto* kill_sockid_opt = kill->add_option("sockid", kill_sockid, "Only this socket (see `list --sockets`)");
+    auto* kill_protocol_opt = kill->add_option("--protocol", kill_protocol, "Only the guest's session of this "
+                                                                          "protocol: xensock or pvcalls")
+                                  ->check(CLI::IsMember({"xensock", "pvcalls"}));
+    auto* kill_devid_opt =
+        kill->add_option("--devid", kill_devid, "Only the session of this device id (the DOMID/DEVID of `list`)");
 
     // attach / detach
     auto* attach = app.add_subcommand("attach", "Create a guest's PV-sockets device in xenstore, as libxl does");
@@ -274,7 +327,12 @@ int main(int argc, char** argv) {
             return cmd_stats(g, *stats_domid_opt ? std::optional<unsigned>(stats_domid) : std::nullopt, prometheus);
         }
         if (*kill) {
-            return cmd_kill(g, kill_domid, *kill_sockid_opt ? std::optional<uint64_t>(kill_sockid) : std::nullopt);
+            KillArgs k;
+            k.domid = kill_domid;
+            if (*kill_sockid_opt) k.sockid = kill_sockid;
+            if (*kill_protocol_opt) k.protocol = kill_protocol;
+            if (*kill_devid_opt) k.devid = kill_devid;
+            return cmd_kill(g, k);
         }
         if (*attach) return cmd_attach(g, attach_domid, attach_backend, attach_protocol);
         if (*detach) return cmd_detach(g, detach_domid, detach_backend, detach_protocol, detach_wait);

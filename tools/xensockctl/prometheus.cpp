@@ -145,9 +145,16 @@ std::string render_prometheus(const json& answer) {
     static const json kNone = json::array();
     const json& sessions = answer.contains("sessions") && answer["sessions"].is_array() ? answer["sessions"] : kNone;
 
-    x.add("xensock_sessions", "gauge", "Guest sessions xensockd serves (one per guest device and protocol).", {},
-          number(static_cast<uint64_t>(sessions.size())));
-    if (answer.contains("daemon") && answer["daemon"].is_object())
+    // All sessions the daemon serves, also for `stats DOMID` (whose series
+    // are filtered): a gauge that changed meaning with a filter would lie.
+    const bool have_daemon = answer.contains("daemon") && answer["daemon"].is_object();
+    const uint64_t served = have_daemon && answer["daemon"].contains("sessions") ? u64(answer["daemon"], "sessions")
+                                                                                : sessions.size();
+    x.add("xensock_sessions", "gauge",
+          "Guest sessions xensockd serves (one per guest device and protocol), all of them even when the other "
+          "series are for one domid.",
+          {}, number(served));
+    if (have_daemon)
         x.add("xensock_daemon_uptime_seconds", "gauge", "Seconds since xensockd started serving.", {},
               number(real(answer["daemon"], "uptime_seconds")));
 
@@ -165,10 +172,12 @@ std::string render_prometheus(const json& answer) {
     x.family("xensock_bytes_to_guest_total", "counter",
              "Bytes received on host sockets and placed in the guest's data rings.");
     x.family("xensock_commands_total", "counter", "Commands received from the guest, by command.");
-    x.family("xensock_command_errors_total", "counter", "Commands answered with an error, by command.");
     x.family("xensock_command_results_total", "counter",
              "Commands answered, by command and result (ok: non-negative return, error: negative errno).");
     x.family("xensock_errors_total", "counter", "Commands answered with an error, by errno.");
+    x.family("xensock_ring_errors_total", "counter",
+             "Host socket errors passed to the guest on a data ring, by ring half (in: receiving from the peer "
+             "failed or it shut down, ENOTCONN; out: sending failed) and errno.");
     for (const auto& m : kScalarMetrics) x.family(m.metric, "counter", m.help);
 
     for (const auto& s : sessions) {
@@ -193,7 +202,6 @@ std::string render_prometheus(const json& answer) {
         const auto c = parse_counters(s.contains("counters") ? s["counters"] : json::object());
         for (const auto& cmd : c.commands) {
             x.add("xensock_commands_total", "counter", "", with("command", cmd.name), number(cmd.received));
-            x.add("xensock_command_errors_total", "counter", "", with("command", cmd.name), number(cmd.errors));
             for (const auto& [result, n] : {std::pair{"ok", cmd.ok}, std::pair{"error", cmd.errors}}) {
                 Labels l = with("command", cmd.name);
                 l.emplace_back("result", result);
@@ -202,6 +210,11 @@ std::string render_prometheus(const json& answer) {
         }
         for (const auto& [err, n] : c.errors_by_errno)
             x.add("xensock_errors_total", "counter", "", with("errno", errno_name(err)), number(n));
+        for (const auto& e : c.ring_errors) {
+            Labels l = with("half", e.half);
+            l.emplace_back("errno", errno_name(e.err));
+            x.add("xensock_ring_errors_total", "counter", "", l, number(e.count));
+        }
         for (const auto& [name, value] : c.scalars) {
             for (const auto& m : kScalarMetrics)
                 if (name == m.counter) x.add(m.metric, "counter", m.help, base, number(value));

@@ -123,13 +123,18 @@ SessionCounters parse_counters(const json& counters) {
     std::map<std::string, SessionCounters::Command> commands;
     std::map<std::string, uint64_t> scalars;
     std::map<int, uint64_t> errors;
+    std::map<std::pair<std::string, int>, uint64_t> ring_errors;
     if (counters.is_object()) {
         for (const auto& [name, value] : counters.items()) {
             if (!value.is_number()) continue;
             const uint64_t n = counter_value(value);
             const std::string_view key = name;
             int err = 0;
-            if (key.starts_with("command_errors_")) {
+            if (key.starts_with("ring_errors_in_errno_") && parse_int(key.substr(21), err)) {
+                ring_errors[{"in", err}] = n;
+            } else if (key.starts_with("ring_errors_out_errno_") && parse_int(key.substr(22), err)) {
+                ring_errors[{"out", err}] = n;
+            } else if (key.starts_with("command_errors_")) {
                 commands[std::string(key.substr(15))].errors = n;
             } else if (key.starts_with("command_ok_")) {
                 commands[std::string(key.substr(11))].ok = n;
@@ -161,10 +166,20 @@ SessionCounters parse_counters(const json& counters) {
     }
     out.other.assign(scalars.begin(), scalars.end());
     out.errors_by_errno.assign(errors.begin(), errors.end());
+    for (const auto& [key, n] : ring_errors) out.ring_errors.push_back({key.first, key.second, n});
     return out;
 }
 
 // ---------------------------------------------------------------- list
+namespace {
+// "5", or "5/1" for a device id other than 0 (several devices of one guest).
+std::string session_cell(const json& s) {
+    std::string domid = std::to_string(u64(s, "domid"));
+    if (const auto devid = u64(s, "devid"); devid != 0) domid += fmt::format("/{}", devid);
+    return domid;
+}
+}  // namespace
+
 std::string render_list(const json& answer) {
     const auto& sessions = sessions_of(answer);
     if (sessions.empty()) return "no guest sessions (a guest appears once its device is attached: xensockctl attach --domid D)\n";
@@ -178,9 +193,7 @@ std::string render_list(const json& answer) {
              {"TO-GUEST", true},
              {"UPTIME", true}});
     for (const auto& s : sessions) {
-        std::string domid = std::to_string(u64(s, "domid"));
-        if (const auto devid = u64(s, "devid"); devid != 0) domid += fmt::format("/{}", devid);
-        t.add({domid, text(s, "protocol"), xenbus_state_name(integer(s, "backend_state")),
+        t.add({session_cell(s), text(s, "protocol"), xenbus_state_name(integer(s, "backend_state")),
                xenbus_state_name(integer(s, "frontend_state")), std::to_string(u64(s, "active_sockets")),
                std::to_string(u64(s, "passive_sockets")), std::to_string(u64(s, "bytes_from_guest")),
                std::to_string(u64(s, "bytes_to_guest")), format_duration(seconds(s, "uptime_seconds"))});
@@ -207,7 +220,7 @@ std::string render_sockets(const json& answer) {
             // Only a connected socket has a data ring; show "-" rather than 0s.
             const bool ring = text(k, "kind") == "active";
             auto ring_value = [&](const char* key) { return ring ? std::to_string(u64(k, key)) : std::string("-"); };
-            t.add({std::to_string(u64(s, "domid")), text(s, "protocol"), std::to_string(u64(k, "sockid")),
+            t.add({session_cell(s), text(s, "protocol"), std::to_string(u64(k, "sockid")),
                    text(k, "kind"), text(k, "state"), text(k, "local"), text(k, "remote"), ring_value("ring_order"),
                    std::to_string(u64(k, "bytes_from_guest")), std::to_string(u64(k, "bytes_to_guest")),
                    ring_value("in_queued"), ring_value("out_queued")});
@@ -240,8 +253,17 @@ void render_counter_block(std::string& out, const json& block, const std::string
     if (c.errors_by_errno.empty()) {
         out += indent + "no command errors\n";
     } else {
-        Table errors({{"ERRNO"}, {"COUNT", true}, {"MEANING"}});
+        Table errors({{"COMMAND ERRNO"}, {"COUNT", true}, {"MEANING"}});
         for (const auto& [err, n] : c.errors_by_errno) errors.add({errno_name(err), std::to_string(n), errno_description(err)});
+        out += errors.render(indent);
+    }
+    if (c.ring_errors.empty()) {
+        out += indent + "no data ring errors\n";
+    } else {
+        // in: receiving from the peer failed or ended; out: sending failed.
+        Table errors({{"RING ERRNO"}, {"HALF"}, {"COUNT", true}, {"MEANING"}});
+        for (const auto& e : c.ring_errors)
+            errors.add({errno_name(e.err), e.half, std::to_string(e.count), errno_description(e.err)});
         out += errors.render(indent);
     }
 }
@@ -252,9 +274,10 @@ std::string render_stats(const json& answer) {
     const auto& sessions = sessions_of(answer);
     if (answer.contains("daemon") && answer["daemon"].is_object()) {
         const auto& d = answer["daemon"];
+        // The daemon's count: `stats DOMID` shows fewer sessions than it serves.
+        const uint64_t served = d.contains("sessions") ? u64(d, "sessions") : sessions.size();
         out += fmt::format("xensockd pid {}, up {}, {} guest session{}\n", u64(d, "pid"),
-                           format_duration(seconds(d, "uptime_seconds")), sessions.size(),
-                           sessions.size() == 1 ? "" : "s");
+                           format_duration(seconds(d, "uptime_seconds")), served, served == 1 ? "" : "s");
     }
     for (const auto& s : sessions) {
         out += fmt::format("\ndomid {} {}{}: {} (frontend {}), up {}, {} active / {} passive socket(s)\n",

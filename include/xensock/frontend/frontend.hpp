@@ -115,6 +115,11 @@ struct RingOptions {
     // Initial value of all four indexes, e.g. 0xFFFFF000 to cross the u32
     // wrap early. The backend starts from what the page holds.
     uint32_t start_index = 0;
+    // Sent in the request instead of the ring's own interface-page ref /
+    // event-channel port (the ring is still allocated and freed as usual):
+    // to test the backend's refusal of bad refs and ports.
+    std::optional<uint32_t> ref_override;
+    std::optional<uint32_t> evtchn_override;
 };
 
 enum class SocketState { created, bound, listening, connecting, connected, accepting, releasing };
@@ -205,6 +210,20 @@ public:
     // delivered by the backend. Blocked send()/recv() on the socket return
     // -EBADF. The socket is forgotten whatever the answer.
     rt::Task<int> release(uint64_t id);
+    // shutdown(2) on a connected socket, done locally: neither protocol has
+    // a shutdown command, so nothing is sent to the backend.
+    //   SHUT_RD    recv() returns 0 from now on; bytes already queued and
+    //              bytes still arriving are discarded (and consumed, so the
+    //              peer is never stalled by a reader that left).
+    //   SHUT_WR    send() fails with -EPIPE from now on; bytes already
+    //              queued are still delivered.
+    //   SHUT_RDWR  both.
+    // The peer does NOT see end-of-stream at SHUT_WR: the only end-of-stream
+    // the protocols can signal is RELEASE, which is close(2) — release() the
+    // socket when done writing (queued bytes still go out first).
+    // Returns 0; -EBADF unknown id (or released), -ENOTCONN not connected,
+    // -EINVAL bad `how`. Blocked send()/recv() on the socket wake up.
+    int shutdown(uint64_t id, int how);
 
     // ------------------------------------------------------------ data path
     // One sender and one receiver per socket at a time. timeout 0 = none.
@@ -246,6 +265,10 @@ public:
     std::optional<RingHalves> data_ring(uint64_t id) const;
     // Kicks the backend on the socket's data-ring port (after forging).
     Status notify_socket(uint64_t id);
+    // The command ring's shared header, to read or forge its indexes, and a
+    // kick on the command port after forging (tests: a hostile frontend).
+    wire::SringHeader* command_ring_header() const noexcept;
+    Status notify_command_ring();
     // This Guest's xenstore connection (tests: read or write nodes).
     platform::XenStore& xenstore() noexcept { return *xs_; }
 

@@ -10,6 +10,8 @@
 // what failed.
 #pragma once
 
+#include "xensock/runtime/cancel.hpp"
+#include "xensock/runtime/task.hpp"
 #include "xensock/util/result.hpp"
 
 #include <cstddef>
@@ -19,6 +21,10 @@
 #include <span>
 #include <string>
 #include <vector>
+
+namespace xensock::rt {
+class Reactor;
+}
 
 namespace xensock::platform {
 
@@ -107,8 +113,17 @@ public:
     virtual int fd() const noexcept = 0;
 
     // Backend: bind to the remote domain's port it offered to us.
-    // EINVAL if that port was not offered to this domain.
-    virtual Result<BoundPort> bind_interdomain(DomId remote, Port remote_port) = 0;
+    // EINVAL if that port was not offered to this domain. May wait without
+    // blocking the thread (on sim, while the remote end's queue is full, for
+    // up to a second: ETIMEDOUT after that), on `reactor`, the one running
+    // the awaiting coroutine; a cancelled `cancel` ends the wait (ECANCELED).
+    // The channel must outlive the bind.
+    rt::Task<Result<BoundPort>> bind_interdomain(rt::Reactor& reactor, DomId remote, Port remote_port,
+                                                 const rt::CancelToken& cancel = {}) {
+        // The token is copied into the coroutine frame here, so the caller's
+        // may be a temporary; by const reference for GCC 12 (reactor.hpp).
+        return do_bind_interdomain(reactor, remote, remote_port, cancel);
+    }
     // Guest: allocate a port that only `remote` may bind to.
     virtual Result<BoundPort> bind_unbound(DomId remote) = 0;
 
@@ -120,6 +135,8 @@ public:
 
 protected:
     friend class BoundPort;
+    virtual rt::Task<Result<BoundPort>> do_bind_interdomain(rt::Reactor& reactor, DomId remote, Port remote_port,
+                                                            rt::CancelToken cancel) = 0;
     virtual void unbind(Port local) noexcept = 0;
 };
 

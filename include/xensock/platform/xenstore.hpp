@@ -48,6 +48,7 @@ public:
     // conflicted), ECANCELED if body aborted.
     Status transaction(const std::function<bool(XenStore&)>& body, int attempts = 16);
 
+    // Prefer Watch (below), which removes the watch on every path out.
     Status watch(const std::string& path, const std::string& token);
     Status unwatch(const std::string& path, const std::string& token);
     int fd() const;  // readable when watch events are queued
@@ -61,6 +62,39 @@ public:
 private:
     xs_handle* handle_ = nullptr;
     unsigned transaction_ = 0;  // XBT_NULL when 0
+};
+
+// One registered xenstore watch and its only owner: the constructor
+// registers it, the destructor (or reset()) removes it, whichever way the
+// owner's scope ends. Movable, not copyable. The XenStore must outlive it.
+// Events queued before the removal may still be read afterwards: a reader
+// must not take an event's token as proof that its Watch still exists.
+class Watch {
+public:
+    Watch() noexcept = default;
+    // Registers (path, token) on xs. A failed registration holds nothing:
+    // see active() and status().
+    Watch(XenStore& xs, std::string path, std::string token);
+    Watch(Watch&& o) noexcept { *this = std::move(o); }
+    Watch& operator=(Watch&& o) noexcept;
+    Watch(const Watch&) = delete;
+    Watch& operator=(const Watch&) = delete;
+    ~Watch() { reset(); }
+
+    // Removes the watch now (a failure is logged: nothing else to do).
+    void reset() noexcept;
+    bool active() const noexcept { return xs_ != nullptr; }
+    explicit operator bool() const noexcept { return active(); }
+    // How the registration went.
+    Status status() const noexcept { return status_; }
+    const std::string& path() const noexcept { return path_; }
+    const std::string& token() const noexcept { return token_; }
+
+private:
+    XenStore* xs_ = nullptr;  // set while registered
+    std::string path_;
+    std::string token_;
+    Status status_;
 };
 
 }  // namespace xensock::platform

@@ -120,6 +120,9 @@ static_assert(offsetof(DataIntf, ref) == 132);
 #pragma GCC diagnostic pop
 
 inline constexpr unsigned kMinRingOrder = 1;
+// Linux's pvcalls-front refuses a backend whose max-page-order is below
+// this (it uses order 4 for every data ring: 32 KiB per direction).
+inline constexpr unsigned kLinuxFrontMinMaxPageOrder = 4;
 inline constexpr const char* kVersion = "1";
 
 }  // namespace xensock::wire::pvcalls_v1

@@ -227,6 +227,34 @@ Status XenStore::unwatch(const std::string& path, const std::string& token) {
     return status_of(xs_unwatch(handle_, path.c_str(), token.c_str()));
 }
 
+Watch::Watch(XenStore& xs, std::string path, std::string token)
+    : path_(std::move(path)), token_(std::move(token)), status_(xs.watch(path_, token_)) {
+    if (status_) xs_ = &xs;
+}
+
+Watch& Watch::operator=(Watch&& o) noexcept {
+    if (this != &o) {
+        reset();
+        xs_ = std::exchange(o.xs_, nullptr);
+        path_ = std::move(o.path_);
+        token_ = std::move(o.token_);
+        status_ = o.status_;
+    }
+    return *this;
+}
+
+void Watch::reset() noexcept {
+    XenStore* xs = std::exchange(xs_, nullptr);
+    if (xs == nullptr) return;
+    try {
+        if (const Status st = xs->unwatch(path_, token_); !st) {
+            log::warn("xenstore: cannot remove the watch on {} (token {}): {}", path_, token_, errno_text(st.error()));
+        }
+    } catch (...) {
+        // Logging could not allocate: the watch is gone or the connection is.
+    }
+}
+
 int XenStore::fd() const { return xs_fileno(handle_); }
 
 std::optional<WatchEvent> XenStore::read_watch() {

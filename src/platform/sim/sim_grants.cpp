@@ -25,6 +25,7 @@
 #include <new>
 #include <system_error>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace xensock::platform::sim {
 
@@ -43,25 +44,39 @@ namespace {
 // or a sanitizer's handler). Kernel-side accesses (io_uring reads and
 // writes into a truncated page) fail with EFAULT and raise no signal.
 //
-// The registry of live mappings is a fixed array of lock-free slots, so the
-// handler reads it without locks or allocation. A process with more live
-// mappings than slots still works; the excess is simply unguarded (logged
-// once). The guard assumes nobody replaces the SIGBUS handler later.
+// The registry of live mappings is made of lock-free slots, so the handler
+// reads it without locks or allocation. Slots come in chunks, allocated as
+// more mappings go live and never freed (a chunk the handler may be reading
+// never goes away), up to a fixed number of chunks: far more mappings than
+// the kernel allows a process by default (vm.max_map_count, 65530). A map
+// that would go beyond is refused with ENOMEM: an unguarded mapping could
+// crash the process. Claiming and freeing slots takes a mutex (never the
+// handler). The guard assumes nobody replaces the SIGBUS handler later.
 
-constexpr size_t kGuardSlots = 16384;
-constexpr uintptr_t kSlotBusy = 1;  // claimed, not yet published
+constexpr size_t kGuardChunkSlots = 4096;
+constexpr size_t kGuardMaxChunks = 64;  // 262144 live mappings
 
 struct GuardSlot {
-    std::atomic<uintptr_t> begin{0};  // 0 free, kSlotBusy claimed, else start address
+    std::atomic<uintptr_t> begin{0};  // 0 free, else start address
     std::atomic<uintptr_t> end{0};    // end address | 1 if writable (ends are page aligned)
 };
 static_assert(std::atomic<uintptr_t>::is_always_lock_free);
+static_assert(std::atomic<GuardSlot*>::is_always_lock_free);
 
-GuardSlot g_slots[kGuardSlots];
+std::atomic<GuardSlot*> g_chunks[kGuardMaxChunks];
 std::atomic<size_t> g_slots_high{0};  // slots at or above this index were never used
+std::mutex g_guard_mu;                // claiming and freeing slots, growing
+size_t g_chunk_count = 0;             // g_guard_mu
+// g_guard_mu; capacity for every slot. Never destroyed: a mapping may be
+// unmapped from a static destructor.
+std::vector<uint32_t>& g_free_slots = *new std::vector<uint32_t>;
 struct sigaction g_previous_sigbus {};
 std::once_flag g_guard_once;
-std::atomic<bool> g_guard_full_logged{false};
+bool g_guard_full_logged = false;  // g_guard_mu
+
+GuardSlot& guard_slot(size_t i) noexcept {
+    return g_chunks[i / kGuardChunkSlots].load(std::memory_order_acquire)[i % kGuardChunkSlots];
+}
 
 void chain_previous_sigbus(int sig, siginfo_t* info, void* uctx) {
     const struct sigaction& prev = g_previous_sigbus;
@@ -89,11 +104,13 @@ void on_sigbus(int sig, siginfo_t* info, void* uctx) {
     const int saved_errno = errno;
     if (info != nullptr && info->si_code == BUS_ADRERR) {
         const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+        // Every slot below `high` is in a chunk published before it.
         const size_t high = g_slots_high.load(std::memory_order_acquire);
         for (size_t i = 0; i < high; ++i) {
-            const uintptr_t begin = g_slots[i].begin.load(std::memory_order_acquire);
-            if (begin <= kSlotBusy) continue;
-            const uintptr_t end = g_slots[i].end.load(std::memory_order_relaxed);
+            const GuardSlot& slot = guard_slot(i);
+            const uintptr_t begin = slot.begin.load(std::memory_order_acquire);
+            if (begin == 0) continue;
+            const uintptr_t end = slot.end.load(std::memory_order_relaxed);
             if (addr < begin || addr >= (end & ~uintptr_t{1})) continue;
             const int prot = (end & 1) != 0 ? PROT_READ | PROT_WRITE : PROT_READ;
             void* page = reinterpret_cast<void*>(addr & ~uintptr_t{kPageSize - 1});
@@ -122,31 +139,54 @@ void install_sigbus_guard() {
     });
 }
 
-// Returns the slot, or -1 if all are taken (the mapping is then unguarded).
+// One more chunk of free slots; false if at the limit or out of memory.
+bool guard_grow() noexcept {  // g_guard_mu held
+    if (g_chunk_count == kGuardMaxChunks) {
+        if (!g_guard_full_logged) {
+            g_guard_full_logged = true;
+            try {
+                log::warn("sim grants: {} live mappings, the most the SIGBUS guard covers; refusing more (ENOMEM)",
+                          kGuardMaxChunks * kGuardChunkSlots);
+            } catch (...) {
+            }
+        }
+        return false;
+    }
+    auto* chunk = new (std::nothrow) GuardSlot[kGuardChunkSlots];
+    if (chunk == nullptr) return false;
+    const size_t first = g_chunk_count * kGuardChunkSlots;
+    try {
+        g_free_slots.reserve(first + kGuardChunkSlots);  // guard_remove() must never allocate
+    } catch (...) {
+        delete[] chunk;
+        return false;
+    }
+    g_chunks[g_chunk_count].store(chunk, std::memory_order_release);
+    ++g_chunk_count;
+    for (size_t i = kGuardChunkSlots; i-- > 0;) g_free_slots.push_back(static_cast<uint32_t>(first + i));
+    return true;
+}
+
+// Guards [addr, addr+bytes): returns the slot, or -1 if none is left (the
+// caller must then not hand the mapping out).
 int guard_add(void* addr, size_t bytes, bool writable) noexcept {
     const auto begin = reinterpret_cast<uintptr_t>(addr);
-    for (size_t i = 0; i < kGuardSlots; ++i) {
-        uintptr_t expected = 0;
-        if (!g_slots[i].begin.compare_exchange_strong(expected, kSlotBusy, std::memory_order_acq_rel)) continue;
-        g_slots[i].end.store((begin + bytes) | (writable ? 1 : 0), std::memory_order_relaxed);
-        g_slots[i].begin.store(begin, std::memory_order_release);
-        size_t high = g_slots_high.load(std::memory_order_relaxed);
-        while (high < i + 1 &&
-               !g_slots_high.compare_exchange_weak(high, i + 1, std::memory_order_release, std::memory_order_relaxed)) {
-        }
-        return static_cast<int>(i);
-    }
-    if (!g_guard_full_logged.exchange(true)) {
-        try {
-            log::warn("sim grants: more than {} live mappings; the excess is not guarded against SIGBUS", kGuardSlots);
-        } catch (...) {
-        }
-    }
-    return -1;
+    std::lock_guard lock(g_guard_mu);
+    if (g_free_slots.empty() && !guard_grow()) return -1;
+    const uint32_t i = g_free_slots.back();  // lowest first: keeps the handler's scan short
+    g_free_slots.pop_back();
+    GuardSlot& slot = guard_slot(i);
+    slot.end.store((begin + bytes) | (writable ? 1 : 0), std::memory_order_relaxed);
+    slot.begin.store(begin, std::memory_order_release);
+    if (g_slots_high.load(std::memory_order_relaxed) < i + 1) g_slots_high.store(i + 1, std::memory_order_release);
+    return static_cast<int>(i);
 }
 
 void guard_remove(int slot) noexcept {
-    if (slot >= 0) g_slots[static_cast<size_t>(slot)].begin.store(0, std::memory_order_release);
+    if (slot < 0) return;
+    std::lock_guard lock(g_guard_mu);
+    guard_slot(static_cast<size_t>(slot)).begin.store(0, std::memory_order_release);
+    g_free_slots.push_back(static_cast<uint32_t>(slot));  // capacity reserved in guard_grow()
 }
 
 // ----------------------------------------------------------- small helpers
@@ -337,8 +377,16 @@ Result<GrantMapping> SimGrantMapper::map(DomId granter, std::span<const GrantRef
         }
         i += run;
     }
-    guard_slots_.emplace(range.get(), guard_add(range.get(), bytes, writable));
-    granter_of_.emplace(range.get(), granter);
+    const int slot = guard_add(range.get(), bytes, writable);
+    if (slot < 0) return Errno{ENOMEM};  // unguarded, a shrinking granter could crash us
+    try {
+        guard_slots_.emplace(range.get(), slot);
+        granter_of_.emplace(range.get(), granter);
+    } catch (...) {
+        guard_slots_.erase(range.get());
+        guard_remove(slot);
+        throw;
+    }
     ++live_by_granter_[granter];
     forget.mapped = true;
     live_.fetch_add(1, std::memory_order_relaxed);
@@ -374,16 +422,32 @@ void SimGrantMapper::unmap(void* addr, size_t pages) noexcept {
 // This domain's own memory and grant table, shared by every GrantSharer of
 // one platform (one domain = one process: a second process of the same
 // domain would allocate the same refs).
+//
+// Frames are not reused when their grant ends: a backend may keep mapping
+// an ended grant (the contract allows it; on Xen the page would not be
+// freed while mapped), and a reused frame would show it, and let it write,
+// whatever is granted next, perhaps to another domain. So frames are handed
+// out in increasing order, and a freed frame's memory goes back to the
+// system by punching a hole in `mem` (a stale mapping then reads zeros, and
+// what it writes lands in a frame nobody uses). Only when the frame space
+// is spent (2^32 frames, the grant entry's field: 16 TiB granted over the
+// domain's life; or earlier, if the file system will not let `mem` grow)
+// does allocation wrap around to the lowest frames no grant uses, each
+// emptied again first. Live frames are bounded by the refs (32760 at most).
 struct SharerState {
-    static constexpr uint32_t kMaxFrames = 1u << 18;  // 1 GiB of granted memory
+    static constexpr uint64_t kFrameSpace = uint64_t{1} << 32;
 
     std::mutex mu;
     UniqueFd mem;
-    std::byte* table = nullptr;             // DIR/dom<self>/gnttab, mapped shared
-    std::vector<GrantRef> free_refs;        // stack, lowest ref on top
-    std::vector<uint32_t> free_frames;      // frames of `mem` not in use
-    std::vector<uint32_t> ref_frame;        // frame behind each granted ref (our copy, not the table's)
-    uint32_t frames = 0;                    // size of `mem` in frames
+    std::byte* table = nullptr;          // DIR/dom<self>/gnttab, mapped shared
+    std::vector<GrantRef> free_refs;     // stack, lowest ref on top
+    std::vector<uint32_t> ref_frame;     // frame behind each granted ref (our copy, not the table's)
+    std::unordered_set<uint32_t> live_frames;  // frames behind a grant now
+    uint64_t next_frame = 0;             // where the next frame is looked for
+    uint64_t frame_limit = kFrameSpace;  // lowered if `mem` cannot grow further
+    uint64_t used_frames = 0;            // frames below this were handed out before
+    bool wrapped = false;                // next_frame went round once: skip live frames
+    bool can_punch = true;               // the file system frees a hole's memory
 
     SharerState() = default;
     SharerState(const SharerState&) = delete;
@@ -397,6 +461,14 @@ namespace {
 
 [[noreturn]] void sharer_fail(const std::string& what, int err) {
     throw std::system_error(err, std::generic_category(), "sim grant sharer: " + what);
+}
+
+void warn_once_noexcept(int err) noexcept {
+    try {
+        log::warn("sim grant sharer: cannot punch holes in the memory file ({}): freed pages keep their memory "
+                  "until the domain restarts; put the sim root on tmpfs", errno_text(err));
+    } catch (...) {
+    }
 }
 
 // Empties this domain's memory and grant table (ending any grant a previous
@@ -423,7 +495,77 @@ std::shared_ptr<SharerState> open_sharer_state(const Context& ctx) {
     s->free_refs.reserve(kGrantEntries);
     for (GrantRef r = kGrantEntries; r-- > kReservedRefs;) s->free_refs.push_back(r);
     s->ref_frame.assign(kGrantEntries, 0);
+    s->live_frames.reserve(kGrantEntries);
     return s;
+}
+
+// Runs of consecutive frames in `frames`, in order: fn(first, count).
+template <typename Fn>
+void for_each_run(const std::vector<uint32_t>& frames, Fn&& fn) {
+    for (size_t i = 0; i < frames.size();) {
+        size_t run = 1;
+        while (i + run < frames.size() && frames[i + run] == frames[i] + run) ++run;
+        fn(i, run);
+        i += run;
+    }
+}
+
+off_t frame_offset(uint64_t frame) { return static_cast<off_t>(frame * kPageSize); }
+
+// Frees the memory behind frames [first, first+count) of `mem`; they read
+// as zeros afterwards. False if the file system cannot.
+bool punch_frames(SharerState& s, uint32_t first, size_t count) noexcept {
+    if (!s.can_punch) return false;
+    if (::fallocate(s.mem.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, frame_offset(first),
+                    static_cast<off_t>(count * kPageSize)) == 0) {
+        return true;
+    }
+    s.can_punch = false;
+    warn_once_noexcept(errno);
+    return false;
+}
+
+// Picks `pages` frames (see SharerState); false if none are left at all.
+bool pick_frames(SharerState& s, size_t pages, std::vector<uint32_t>& out) {
+    out.clear();
+    uint64_t looked_at = 0;
+    while (out.size() < pages) {
+        if (s.next_frame >= s.frame_limit) {
+            s.next_frame = 0;
+            s.wrapped = true;
+        }
+        if (++looked_at > s.frame_limit) return false;
+        const auto frame = static_cast<uint32_t>(s.next_frame++);
+        if (s.wrapped && s.live_frames.contains(frame)) continue;
+        out.push_back(frame);
+    }
+    return true;
+}
+
+// Gives `frames` memory in `mem` (growing it as needed), empty: fresh frames
+// are, a frame used before is emptied first. fallocate, not ftruncate: on a
+// full tmpfs the first touch of a sparse page would be a SIGBUS instead of
+// this error. `zero_after_map` is set if some frame could not be emptied
+// here (no hole punching). EFBIG: `mem` cannot grow that far.
+int back_frames(SharerState& s, const std::vector<uint32_t>& frames, bool& zero_after_map) {
+    int err = 0;
+    for_each_run(frames, [&](size_t i, size_t run) {
+        if (err != 0) return;
+        const uint32_t first = frames[i];
+        if (first < s.used_frames && !punch_frames(s, first, run)) zero_after_map = true;
+        const off_t at = frame_offset(first);
+        const auto len = static_cast<off_t>(run * kPageSize);
+        if (::fallocate(s.mem.get(), 0, at, len) != 0) {
+            err = errno;
+            struct stat st {};
+            if (err == EOPNOTSUPP && ::fstat(s.mem.get(), &st) == 0) {
+                err = st.st_size >= at + len || ::ftruncate(s.mem.get(), at + len) == 0 ? 0 : errno;
+            }
+            if (err != 0) return;
+        }
+        s.used_frames = std::max<uint64_t>(s.used_frames, uint64_t{first} + run);
+    });
+    return err;
 }
 
 uint16_t* entry_flags(std::byte* table, GrantRef r) { return reinterpret_cast<uint16_t*>(table + r * kGrantEntrySize); }
@@ -455,50 +597,45 @@ Result<SharedPages> SimGrantSharer::share(DomId to, size_t pages, bool writable)
 
     std::vector<uint32_t> frames;
     std::vector<GrantRef> refs;
+    bool zero_after_map = false;
     try {
         frames.reserve(pages);
         refs.reserve(pages);
-        if (s.free_frames.size() < pages) {
-            const size_t grow = pages - s.free_frames.size();
-            if (grow > SharerState::kMaxFrames - s.frames) return Errno{ENOMEM};
-            s.free_frames.reserve(s.frames + grow);  // unshare() must never allocate
-            // fallocate, not just ftruncate: on a full tmpfs the first touch
-            // of a sparse page would be a SIGBUS instead of this error.
-            const auto at = static_cast<off_t>(s.frames) * static_cast<off_t>(kPageSize);
-            const auto len = static_cast<off_t>(grow) * static_cast<off_t>(kPageSize);
-            if (::fallocate(s.mem.get(), 0, at, len) != 0) {
-                const int err = errno;
-                if (err != EOPNOTSUPP || ::ftruncate(s.mem.get(), at + len) != 0) {
-                    log::warn("sim grant sharer: cannot grow memory by {} pages: {}", grow, errno_text(err));
-                    return Errno{ENOMEM};
-                }
+        for (int attempt = 0;; ++attempt) {
+            if (!pick_frames(s, pages, frames)) return Errno{ENOMEM};
+            const int err = back_frames(s, frames, zero_after_map);
+            if (err == 0) break;
+            if (err == EFBIG && attempt < 2 && s.used_frames > 0) {
+                // The file system's (or RLIMIT_FSIZE's) limit on `mem`: the
+                // frame space ends here; go round to the lowest free frames.
+                log::info("sim grant sharer: memory file cannot grow past {} frames; reusing freed frames from now on",
+                          s.used_frames);
+                s.frame_limit = s.used_frames;
+                s.next_frame = s.frame_limit;
+                continue;
             }
-            for (size_t i = grow; i-- > 0;) s.free_frames.push_back(s.frames + static_cast<uint32_t>(i));
-            s.frames += static_cast<uint32_t>(grow);
+            log::warn("sim grant sharer: cannot back {} pages with memory: {}", pages, errno_text(err));
+            return Errno{ENOMEM};
         }
+        for (const uint32_t f : frames) s.live_frames.insert(f);
     } catch (const std::bad_alloc&) {
+        for (const uint32_t f : frames) s.live_frames.erase(f);
         return Errno{ENOMEM};
-    }
-    for (size_t i = 0; i < pages; ++i) {
-        frames.push_back(s.free_frames.back());
-        s.free_frames.pop_back();
     }
 
     Reservation range(pages * kPageSize);
     bool mapped = range.get() != nullptr;
-    for (size_t i = 0; mapped && i < pages;) {
-        size_t run = 1;
-        while (i + run < pages && frames[i + run] == frames[i] + run) ++run;
-        const auto offset = static_cast<off_t>(frames[i]) * static_cast<off_t>(kPageSize);
+    for_each_run(frames, [&](size_t i, size_t run) {
+        if (!mapped) return;
         mapped = ::mmap(range.get() + i * kPageSize, run * kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                        s.mem.get(), offset) != MAP_FAILED;
-        i += run;
-    }
+                        s.mem.get(), frame_offset(frames[i])) != MAP_FAILED;
+    });
     if (!mapped) {  // the Reservation unmaps whatever was mapped
-        for (const uint32_t f : frames) s.free_frames.push_back(f);
+        for (const uint32_t f : frames) s.live_frames.erase(f);
         return Errno{ENOMEM};
     }
-    std::memset(range.get(), 0, pages * kPageSize);  // reused frames hold old data
+    // Only frames used before, and only where no hole could empty them.
+    if (zero_after_map) std::memset(range.get(), 0, pages * kPageSize);
 
     const uint16_t flags = static_cast<uint16_t>(kGtfPermitAccess | (writable ? 0 : kGtfReadonly));
     for (size_t i = 0; i < pages; ++i) {
@@ -520,14 +657,27 @@ void SimGrantSharer::unshare(void* addr, const std::vector<GrantRef>& refs) noex
     SharerState& s = *state_;
     std::lock_guard lock(s.mu);
     for (const GrantRef r : refs) std::atomic_ref<uint16_t>(*entry_flags(s.table, r)).store(0, std::memory_order_relaxed);
-    // Grants end before their pages are reused. (A backend that still maps a
-    // page keeps seeing it; on Xen the grant could not end while mapped.)
     std::atomic_thread_fence(std::memory_order_release);
     ::munmap(addr, refs.size() * kPageSize);
+    // The memory goes back; the frames are not handed out again (see
+    // SharerState), so a backend still mapping one sees zeros, never a
+    // later grant. One hole per run of consecutive frames; nothing here
+    // allocates (erase, and a stack whose capacity was reserved at start).
+    uint32_t run_first = 0;
+    size_t run_length = 0;
     for (const GrantRef r : refs) {
-        s.free_frames.push_back(s.ref_frame[r]);  // capacity reserved in share()
-        s.free_refs.push_back(r);                 // capacity reserved at start
+        const uint32_t frame = s.ref_frame[r];
+        s.live_frames.erase(frame);
+        s.free_refs.push_back(r);
+        if (run_length > 0 && frame == run_first + run_length) {
+            ++run_length;
+            continue;
+        }
+        if (run_length > 0) (void)punch_frames(s, run_first, run_length);
+        run_first = frame;
+        run_length = 1;
     }
+    if (run_length > 0) (void)punch_frames(s, run_first, run_length);
 }
 
 }  // namespace

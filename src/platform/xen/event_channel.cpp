@@ -55,7 +55,14 @@ public:
 
     int fd() const noexcept override { return fd_; }
 
-    Result<BoundPort> bind_interdomain(DomId remote, Port remote_port) override {
+    // The hypercall binds and tells the remote end in one step: nothing to
+    // wait for, so this completes without suspending.
+    rt::Task<Result<BoundPort>> do_bind_interdomain(rt::Reactor&, DomId remote, Port remote_port,
+                                                    rt::CancelToken) override {
+        co_return bind_interdomain_now(remote, remote_port);
+    }
+
+    Result<BoundPort> bind_interdomain_now(DomId remote, Port remote_port) {
         if (remote >= DOMID_FIRST_RESERVED) return Errno{EINVAL};
         const xenevtchn_port_or_error_t port = xenevtchn_bind_interdomain(handle_.get(), remote, remote_port);
         if (port < 0) return last_errno();
