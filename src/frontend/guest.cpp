@@ -14,6 +14,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
@@ -465,6 +466,7 @@ void Guest::release_everything() {
     pending_.clear();
     // Rings before the sharer and event channel that own them go away.
     for (auto& [id, sock] : sockets_) sock->ring.reset();
+    ring_pool_.clear();
     by_port_.clear();
     sockets_.clear();
     if (watching_backend_) {
@@ -578,20 +580,32 @@ Result<std::unique_ptr<Guest::DataRing>> Guest::alloc_ring(const RingOptions& op
     const wire::DataIntfLayout& layout = options_.profile->data_layout();
     if (order > wire::kHardMaxRingOrder || (uint32_t{1} << order) > layout.max_refs()) return Errno{EINVAL};
 
-    auto ring = std::make_unique<DataRing>();
-    auto intf = sharer_->share(options_.backend, 1, /*writable=*/true);
-    if (!intf) return Errno{intf.error()};
-    ring->intf = std::move(intf.value());
-    auto pages = sharer_->share(options_.backend, size_t{1} << order, /*writable=*/true);
-    if (!pages) return Errno{pages.error()};
-    ring->pages = std::move(pages.value());
-    auto port = evtchn_->bind_unbound(options_.backend);
-    if (!port) return Errno{port.error()};
-    ring->port = std::move(port.value());
-    ring->order = order;
+    std::unique_ptr<DataRing> ring;
+    const auto pooled = std::find_if(ring_pool_.begin(), ring_pool_.end(),
+                                     [order](const std::unique_ptr<DataRing>& r) { return r->order == order; });
+    if (pooled != ring_pool_.end()) {
+        ring = std::move(*pooled);
+        ring_pool_.erase(pooled);
+        ++stats_.rings_reused;
+    } else {
+        ring = std::make_unique<DataRing>();
+        auto intf = sharer_->share(options_.backend, 1, /*writable=*/true);
+        if (!intf) return Errno{intf.error()};
+        ring->intf = std::move(intf.value());
+        auto pages = sharer_->share(options_.backend, size_t{1} << order, /*writable=*/true);
+        if (!pages) return Errno{pages.error()};
+        ring->pages = std::move(pages.value());
+        auto port = evtchn_->bind_unbound(options_.backend);
+        if (!port) return Errno{port.error()};
+        ring->port = std::move(port.value());
+        ring->order = order;
+    }
 
     // Fill the interface page before its ref is handed over (the request
-    // push is a release store).
+    // push is a release store); a pooled ring's page is filled afresh, the
+    // previous backend may have left anything in it. Its data pages keep
+    // old bytes: only the previous socket's, seen by the same backend, and
+    // never read beyond the indexes.
     wire::DataIntfView view(ring->intf.data(), layout);
     view.set_in_cons(opts.start_index);
     view.set_in_prod(opts.start_index);
@@ -617,6 +631,21 @@ void Guest::free_ring(Socket& sock) noexcept {
     if (!sock.ring) return;
     by_port_.erase(sock.ring->port.port());
     sock.ring.reset();
+}
+
+bool Guest::pool_has_room() const noexcept {
+    return state_ == State::connected && !backend_gone_ && !ring_broken_ && ring_pool_.size() < options_.ring_pool;
+}
+
+void Guest::recycle_ring(Socket& sock) noexcept {
+    if (!sock.ring) return;
+    if (!pool_has_room()) return free_ring(sock);
+    by_port_.erase(sock.ring->port.port());
+    try {
+        ring_pool_.push_back(std::move(sock.ring));
+    } catch (...) {
+        sock.ring.reset();  // no memory for the pool: free it instead
+    }
 }
 
 rt::Task<int> Guest::socket(uint64_t& id) {
@@ -666,7 +695,7 @@ rt::Task<int> Guest::connect(uint64_t id, const sockaddr_in& addr, RingOptions r
     if (guest.cancelled()) co_return -ECANCELED;
     if (sock->state == SocketState::releasing) co_return rc != 0 ? rc : -EBADF;  // release() frees the ring
     if (rc != 0) {
-        free_ring(*sock);  // the backend unmapped it before answering
+        recycle_ring(*sock);  // the backend unmapped it before answering
         sock->state = before;
         co_return rc;
     }
@@ -717,7 +746,7 @@ rt::Task<int> Guest::accept(uint64_t listen_id, uint64_t& new_id, RingOptions ri
     const int rc = co_await simple_command(req);
     if (guest.cancelled()) co_return -ECANCELED;
     if (rc != 0) {
-        free_ring(*sock);
+        recycle_ring(*sock);  // answered: the backend let go of it
         sockets_.erase(sock->id);
         co_return rc;
     }
@@ -738,10 +767,12 @@ rt::Task<int> Guest::release(uint64_t id) {
     if (!sock || sock->state == SocketState::releasing) co_return -EBADF;
     sock->state = SocketState::releasing;
     sock->cancel.cancel();  // blocked send()/recv() return -EBADF
-    const int rc = co_await simple_command(make_request(wire::Command::release, id));
+    wire::Request req = make_request(wire::Command::release, id);
+    req.reuse = sock->ring && pool_has_room();
+    const int rc = co_await simple_command(req);
     if (guest.cancelled()) co_return -ECANCELED;
     // The backend has unmapped the ring and unbound its port before answering.
-    free_ring(*sock);
+    recycle_ring(*sock);
     sockets_.erase(id);
     co_return rc;
 }

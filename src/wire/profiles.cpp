@@ -289,6 +289,7 @@ public:
             case Command::accept:
                 w.u.accept.id_new = r.new_sockid, w.u.accept.ref = r.ref, w.u.accept.evtchn = r.evtchn;
                 break;
+            case Command::release: w.u.release.reuse = r.reuse ? 1 : 0; break;
             default: break;
         }
         std::memcpy(slot, &w, sizeof w);

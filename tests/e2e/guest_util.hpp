@@ -69,6 +69,16 @@ inline pid_t spawn_guest(SimEnv& env, platform::DomId domid, const wire::Protoco
     });
 }
 
+// The same with the caller's options (options.profile must be set).
+inline pid_t spawn_guest_with(SimEnv& env, platform::DomId domid, frontend::GuestOptions options, GuestBody body) {
+    const std::string root = env.root();
+    return env.spawn([root, domid, options, body]() -> int {
+        auto platform = platform::open_sim_platform(root, domid);
+        rt::Reactor reactor;
+        return reactor.run_until(guest_main(reactor, *platform, options, body));
+    });
+}
+
 inline sockaddr_in loopback(uint16_t port) { return *frontend::ipv4("127.0.0.1", port); }
 
 // A listening TCP socket on 127.0.0.1 (port 0 = ephemeral); returns fd.

@@ -105,6 +105,13 @@ struct GuestOptions {
     unsigned ring_order = 0;
     // Bounds every xenbus wait: attach's handshake and close's.
     std::chrono::milliseconds connect_timeout{10000};
+    // Data rings kept after the backend let go of them (a RELEASE, or a
+    // failed CONNECT/ACCEPT, was answered): still granted, their port still
+    // allocated, ready for the next connect/accept of the same order. Saves
+    // allocating, zeroing, granting and ending 1 + 2^order pages and an
+    // event-channel port per connection (PVCalls: RELEASE says reuse = 1).
+    // 0: free every ring at once.
+    size_t ring_pool = 8;
 };
 
 // Per-connect/accept overrides, mostly for tests.
@@ -141,6 +148,7 @@ struct GuestStats {
     uint64_t ignored_responses = 0;   // unknown req_id (late after timeout, or a bad backend)
     uint64_t command_notifies = 0;    // notifications sent for the command ring
     uint64_t data_notifies = 0;       // notifications sent for data rings
+    uint64_t rings_reused = 0;        // connect/accept served from the ring pool
     uint64_t events = 0;              // ports that fired
     uint64_t bytes_sent = 0, bytes_received = 0;
 };
@@ -303,6 +311,10 @@ private:
     Result<std::unique_ptr<DataRing>> alloc_ring(const RingOptions& opts);
     void attach_ring(Socket& sock, std::unique_ptr<DataRing> ring);
     void free_ring(Socket& sock) noexcept;
+    // After the backend answered for the ring (it unmapped it and unbound
+    // its port): into the pool if there is room, else freed.
+    void recycle_ring(Socket& sock) noexcept;
+    bool pool_has_room() const noexcept;
     std::shared_ptr<Socket> find(uint64_t id) const;
     std::shared_ptr<Socket> new_socket(SocketState state);
     uint32_t next_req_id();
@@ -339,6 +351,7 @@ private:
     uint64_t last_sockid_ = 0;
     std::unordered_map<uint64_t, std::shared_ptr<Socket>> sockets_;
     std::unordered_map<Port, Socket*> by_port_;  // data-ring ports
+    std::vector<std::unique_ptr<DataRing>> ring_pool_;  // see GuestOptions::ring_pool
 
     GuestStats stats_;
     std::vector<Port> fired_;

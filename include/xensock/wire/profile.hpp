@@ -47,6 +47,10 @@ struct Request {
     uint32_t backlog = 0;
     // accept
     uint64_t new_sockid = 0;
+    // release: the frontend will offer this socket's data ring (same pages,
+    // same port) for a later socket. Only PVCalls carries it (release.reuse);
+    // a hint the backend may ignore, and xensockd does.
+    bool reuse = false;
 };
 
 struct Response {
