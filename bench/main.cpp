@@ -704,23 +704,25 @@ int main(int argc, char** argv) {
 
         // ------------------------------------------------------------ 5: scale
         if (cfg.want("scale")) {
-            // On sim xensockd holds three descriptors per connection (the host
-            // socket, the event channel's Unix socket and the O_PATH pin of the
-            // guest's end) and two per guest (its mem and gnttab files). It
+            // On sim xensockd holds two descriptors per connection (the host
+            // socket and its data ring's event-channel socket) and three per
+            // guest (its mem and gnttab files, its command-ring port). It
             // inherits our limit; without CAP_SYS_RESOURCE the hard limit
-            // cannot be raised, and then the
-            // run is cut to what fits, and says so.
+            // cannot be raised, and then the run is cut to what fits, and
+            // says so.
             rlimit lim{};
             ::getrlimit(RLIMIT_NOFILE, &lim);
             const uint64_t asked = uint64_t{cfg.scale_guests} * cfg.scale_conns;
-            const uint64_t fixed = 128 + 2ull * cfg.scale_guests;
-            if (fixed + 3 * asked > lim.rlim_cur) {
-                const unsigned fit = lim.rlim_cur > fixed
-                                         ? static_cast<unsigned>((lim.rlim_cur - fixed) / (3ull * cfg.scale_guests))
-                                         : 0;
+            const uint64_t fixed = 128 + 3ull * cfg.scale_guests;
+            constexpr uint64_t kPerConnection = 2;
+            if (fixed + kPerConnection * asked > lim.rlim_cur) {
+                const unsigned fit =
+                    lim.rlim_cur > fixed
+                        ? static_cast<unsigned>((lim.rlim_cur - fixed) / (kPerConnection * cfg.scale_guests))
+                        : 0;
                 fmt::print("NOTE: RLIMIT_NOFILE is {} and cannot be raised here (no CAP_SYS_RESOURCE); xensockd needs "
-                           "3 descriptors per connection on sim, so {} x {} connections are cut to {} x {} = {}\n",
-                           lim.rlim_cur, cfg.scale_guests, cfg.scale_conns, cfg.scale_guests, fit,
+                           "{} descriptors per connection on sim, so {} x {} connections are cut to {} x {} = {}\n",
+                           lim.rlim_cur, kPerConnection, cfg.scale_guests, cfg.scale_conns, cfg.scale_guests, fit,
                            uint64_t{cfg.scale_guests} * fit);
                 cfg.scale_conns = fit;
             }
