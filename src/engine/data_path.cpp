@@ -58,7 +58,7 @@ Result<std::unique_ptr<DataRing>> map_data_ring(Worker& w, const wire::ProtocolP
     auto ring = std::make_unique<DataRing>(*w.reactor);
     ring->worker = &w;
     ring->order = order;
-    ring->size = wire::ring_bytes_per_direction(order);
+    ring->size = profile.ring_bytes(order);
     ring->intf_page = std::move(intf_page.value());
     ring->buffers = std::move(buffers.value());
     ring->intf = wire::DataIntfView(ring->intf_page.data(), layout);

@@ -617,7 +617,7 @@ Result<std::unique_ptr<Guest::DataRing>> Guest::alloc_ring(const RingOptions& op
     const auto& refs = ring->pages.refs();
     for (uint32_t i = 0; i < refs.size(); ++i) view.set_ref(i, refs[i]);
 
-    const uint32_t size = wire::ring_bytes_per_direction(order);
+    const uint32_t size = options_.profile->ring_bytes(order);
     ring->halves = RingHalves{view, ring->pages.bytes(), ring->pages.bytes() + size, size};
     return Result<std::unique_ptr<DataRing>>(std::move(ring));
 }

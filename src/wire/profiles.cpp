@@ -102,6 +102,8 @@ class XensockV3 final : public ProtocolProfile {
 public:
     std::string_view name() const override { return xensock_v3::kNodeName; }
     unsigned min_ring_order() const override { return xensock_v3::kMinRingOrder; }
+    // The seed: in[((1<<ring_order)<<PAGE_SHIFT)/2], out the same.
+    uint32_t ring_bytes(unsigned order) const override { return ((uint32_t{1} << order) << 12) / 2; }
     const DataIntfLayout& data_layout() const override {
         return data_layout_of<xensock_v3::DataIntf>();
     }
@@ -195,6 +197,8 @@ class PvcallsV1 final : public ProtocolProfile {
 public:
     std::string_view name() const override { return pvcalls_v1::kNodeName; }
     unsigned min_ring_order() const override { return pvcalls_v1::kMinRingOrder; }
+    // pvcalls.h: XEN_FLEX_RING_SIZE(order) = 1 << (order + XEN_PAGE_SHIFT - 1).
+    uint32_t ring_bytes(unsigned order) const override { return uint32_t{1} << (order + 12 - 1); }
     const DataIntfLayout& data_layout() const override {
         return data_layout_of<pvcalls_v1::DataIntf>();
     }

@@ -69,6 +69,7 @@ public:
     std::string_view name() const override { return inner_.name(); }
     unsigned min_ring_order() const override { return inner_.min_ring_order(); }
     const wire::DataIntfLayout& data_layout() const override { return inner_.data_layout(); }
+    uint32_t ring_bytes(unsigned order) const override { return inner_.ring_bytes(order); }
     wire::NodeList backend_nodes(unsigned max_order) const override { return inner_.backend_nodes(max_order); }
     Result<wire::FrontendParams> read_frontend(const wire::NodeReader& read, std::string& why) const override {
         return inner_.read_frontend(read, why);

@@ -482,6 +482,12 @@ TEST_CASE("data ring: layout of the interface page per protocol") {
     CHECK(wire::ring_bytes_per_direction(1) == 4096u);
     CHECK(wire::ring_bytes_per_direction(4) == 32768u);
     CHECK(wire::ring_bytes_per_direction(9) == 1048576u);
+    // Each protocol's own formula gives the same sizes.
+    for (const auto* profile : wire::all_profiles()) {
+        CAPTURE(profile->name());
+        for (unsigned order = 0; order <= wire::kHardMaxRingOrder; ++order)
+            CHECK(profile->ring_bytes(order) == wire::ring_bytes_per_direction(order));
+    }
 }
 
 TEST_CASE("data ring: copy helpers wrap at the end of the buffer") {

@@ -70,7 +70,9 @@ struct DataIntfLayout {
     uint32_t max_refs() const { return (kRingPageSize - refs) / 4; }
 };
 
-// Bytes per direction for a ring order (both protocols: half of the pages).
+// Bytes per direction for a ring order: half of the pages. Both protocols
+// agree (each profile's ring_bytes() states its own formula, and a test
+// checks they match this); code that serves a protocol asks its profile.
 inline constexpr uint32_t ring_bytes_per_direction(unsigned order) { return (4096u << order) / 2; }
 
 struct FrontendParams {
@@ -91,6 +93,9 @@ public:
     virtual std::string_view name() const = 0;
     virtual unsigned min_ring_order() const = 0;
     virtual const DataIntfLayout& data_layout() const = 0;
+    // Bytes per direction (the in half, and the out half) of a data ring of
+    // 2^order pages, by the protocol's own formula. order <= kHardMaxRingOrder.
+    virtual uint32_t ring_bytes(unsigned order) const = 0;
 
     // ---- backend
     // The nodes a backend publishes as soon as its directory appears.
