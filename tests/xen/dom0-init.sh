@@ -116,11 +116,17 @@ fi
 mark xensockd-ready
 
 # --- dom0's services for the guests' data checks ----------------------------
-xen-lab-peer echo A "$ECHO_PORT_A" "$BYTES" /run/lab &
-xen-lab-peer echo B "$ECHO_PORT_B" "$BYTES" /run/lab &
+# An echo service serves until power-off: if one ends, that is a failure of
+# the lab itself, said with its exit status (a crash shows as 128+signal).
+echo_service() {
+    xen-lab-peer echo "$@" 2>&1
+    echo "XENSOCK-CHECK FAIL dom0/echo-$1: the echo service exited with status $?"
+}
+echo_service A "$ECHO_PORT_A" "$BYTES" /run/lab &
+echo_service B "$ECHO_PORT_B" "$BYTES" /run/lab &
 # The sessions the guests hold while they are destroyed.
-xen-lab-peer echo A-hold "$HOLD_PORT_A" 0 /run/lab &
-xen-lab-peer echo B-hold "$HOLD_PORT_B" 0 /run/lab &
+echo_service A-hold "$HOLD_PORT_A" 0 /run/lab &
+echo_service B-hold "$HOLD_PORT_B" 0 /run/lab &
 
 # --- the guests --------------------------------------------------------------
 # guest_cfg NAME LABEL ECHO_PORT LISTEN_PORT HOLD_PORT RING_ORDER DEVICE_LINE
@@ -142,11 +148,24 @@ EOF
 guest_cfg lab-a A "$ECHO_PORT_A" "$LISTEN_PORT_A" "$HOLD_PORT_A" 0 "pvcalls = [ 'backend=0' ]"
 guest_cfg lab-b B "$ECHO_PORT_B" "$LISTEN_PORT_B" "$HOLD_PORT_B" 9 ""
 
+# The domid of a domain `xl create` just made. Retried: on a loaded machine
+# `xl domid` right after `xl create` has been seen to print nothing although
+# the domain exists and boots.
+domid_of() {
+    n=0
+    while [ "$n" -lt 50 ]; do
+        id=$(xl domid "$1" 2>/dev/null) && [ -n "$id" ] && { echo "$id"; return 0; }
+        sleep 0.2
+        n=$((n + 1))
+    done
+    return 1
+}
+
 # Guest A: xl writes the pvcalls nodes (pvcalls = [ 'backend=0' ]).
 t=$(up)
 xl create /lab/lab-a.cfg >/tmp/xl-create-a.log 2>&1
 rc=$?
-DOMA=$(xl domid lab-a 2>/dev/null)
+DOMA=$(domid_of lab-a)
 if [ "$rc" = 0 ] && [ -n "$DOMA" ]; then
     be=/local/domain/0/backend/pvcalls/$DOMA/0
     if xenstore-exists "$be/state" && xenstore-exists "/local/domain/$DOMA/device/pvcalls/0/backend"; then
@@ -155,7 +174,7 @@ if [ "$rc" = 0 ] && [ -n "$DOMA" ]; then
         fail A/xl-create "domid $DOMA created but xl wrote no pvcalls device nodes: $(xenstore-ls -f /local/domain/0/backend 2>&1 | head -5)"
     fi
 else
-    fail A/xl-create "xl create exit code $rc: $(tail -5 /tmp/xl-create-a.log)"
+    fail A/xl-create "xl create exit code $rc, domid '${DOMA}': $(tail -5 /tmp/xl-create-a.log)"
 fi
 # The nodes Linux's pvcalls-front reads when it probes: xensockd must write
 # them as soon as xl has made the backend directory (bounded wait: xensockd
@@ -190,7 +209,7 @@ follow /var/log/xen/console/guest-lab-a.log lab-a
 t=$(up)
 xl create /lab/lab-b.cfg >/tmp/xl-create-b.log 2>&1
 rc=$?
-DOMB=$(xl domid lab-b 2>/dev/null)
+DOMB=$(domid_of lab-b)
 if [ "$rc" = 0 ] && [ -n "$DOMB" ]; then
     pass B/xl-create "domid $DOMB in $(since "$t") s"
     t=$(up)
@@ -200,7 +219,7 @@ if [ "$rc" = 0 ] && [ -n "$DOMB" ]; then
         fail B/xensockctl-attach "$out"
     fi
 else
-    fail B/xl-create "xl create exit code $rc: $(tail -5 /tmp/xl-create-b.log)"
+    fail B/xl-create "xl create exit code $rc, domid '${DOMB}': $(tail -5 /tmp/xl-create-b.log)"
 fi
 mark created-B
 follow /var/log/xen/console/guest-lab-b.log lab-b
