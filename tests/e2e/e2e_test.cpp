@@ -37,28 +37,6 @@ SimEnvOptions daemon_options(std::vector<std::string> extra_args, unsigned max_r
 }
 
 // A port nobody listens on (bound, then closed).
-uint16_t free_port() {
-    uint16_t port = 0;
-    const int fd = host_listen(port);
-    ::close(fd);
-    return port;
-}
-
-// Cross-process markers for orchestration between the test and its guests
-// (test plumbing only; the guests talk to xensockd through sim alone).
-void mark(const std::string& root, const std::string& name) { std::ofstream(root + "/test-" + name) << "1"; }
-bool marked(const std::string& root, const std::string& name) {
-    return ::access((root + "/test-" + name).c_str(), F_OK) == 0;
-}
-rt::Task<bool> wait_mark(rt::Reactor& r, std::string root, std::string name, std::chrono::milliseconds bound = 20s) {
-    const auto deadline = std::chrono::steady_clock::now() + bound;
-    while (!marked(root, name)) {
-        if (std::chrono::steady_clock::now() > deadline) co_return false;
-        co_await r.sleep_for(5ms);
-    }
-    co_return true;
-}
-
 // Counts the watch events on one node (what a frontend watching it would
 // see), on a xenstore connection of its own.
 class WatchCounter {

@@ -19,16 +19,6 @@ using frontend::RingOptions;
 
 namespace {
 
-uint16_t unused_port() {
-    uint16_t port = 0;
-    ::close(host_listen(port));
-    return port;
-}
-
-void mark(const std::string& root, const std::string& name) { std::ofstream(root + "/test-" + name) << "1"; }
-bool marked(const std::string& root, const std::string& name) {
-    return ::access((root + "/test-" + name).c_str(), F_OK) == 0;
-}
 
 wire::Request raw_request(uint32_t raw_cmd, uint64_t sockid) {
     wire::Request r;
@@ -139,7 +129,7 @@ TEST_CASE("wire: pad and unused bytes set to 0xFF, and PVCalls release.reuse = 1
         uint16_t echo_port = 0;
         const int lfd = host_listen(echo_port);
         const pid_t echo = spawn_echo_server(env, lfd, 1);
-        const uint16_t listen_port = unused_port();
+        const uint16_t listen_port = free_port();
         const std::string root = env.root();
         env.attach(11, *real);
         const bool pv = real->name() == "pvcalls";
@@ -195,7 +185,7 @@ TEST_CASE("wire: ring order 0 is -EINVAL for PVCalls CONNECT and ACCEPT, and wor
         uint16_t echo_port = 0;
         const int lfd = host_listen(echo_port);
         const pid_t echo = spawn_echo_server(env, lfd, 1);
-        const uint16_t listen_port = unused_port();
+        const uint16_t listen_port = free_port();
         const std::string root = env.root();
         env.attach(12, *profile);
         const bool pv = profile->name() == "pvcalls";

@@ -17,7 +17,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <optional>
 #include <string>
@@ -79,6 +81,25 @@ inline pid_t spawn_guest_with(SimEnv& env, platform::DomId domid, frontend::Gues
     });
 }
 
+// A port on 127.0.0.1 that nothing listens on (bound once, then closed).
+inline uint16_t free_port();
+
+// Cross-process markers for orchestration between a test and its guests
+// (test plumbing only; the guests talk to xensockd through sim alone).
+inline void mark(const std::string& root, const std::string& name) { std::ofstream(root + "/test-" + name) << "1"; }
+inline bool marked(const std::string& root, const std::string& name) {
+    return ::access((root + "/test-" + name).c_str(), F_OK) == 0;
+}
+inline rt::Task<bool> wait_mark(rt::Reactor& r, std::string root, std::string name,
+                                std::chrono::milliseconds bound = std::chrono::seconds(20)) {
+    const auto deadline = std::chrono::steady_clock::now() + bound;
+    while (!marked(root, name)) {
+        if (std::chrono::steady_clock::now() > deadline) co_return false;
+        co_await r.sleep_for(std::chrono::milliseconds(5));
+    }
+    co_return true;
+}
+
 inline sockaddr_in loopback(uint16_t port) { return *frontend::ipv4("127.0.0.1", port); }
 
 // A listening TCP socket on 127.0.0.1 (port 0 = ephemeral); returns fd.
@@ -95,6 +116,12 @@ inline int host_listen(uint16_t& port, int backlog = 128) {
     ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
     port = ntohs(a.sin_port);
     return fd;
+}
+
+inline uint16_t free_port() {
+    uint16_t port = 0;
+    ::close(host_listen(port));
+    return port;
 }
 
 inline int host_connect(uint16_t port) {
