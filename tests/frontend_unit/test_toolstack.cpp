@@ -97,8 +97,10 @@ private:
             auto state = xs_->read(dir_ + "/state");
             if (state && *state == "5" && !answered_) {
                 std::this_thread::sleep_for(delay_);
-                (void)xs_->write(dir_ + "/state", "6");
+                // Before the write: detach may return (and the test look) the
+                // moment state 6 is there.
                 answered_ = true;
+                (void)xs_->write(dir_ + "/state", "6");
             }
         }
     }
